@@ -1,0 +1,3 @@
+"""dlm: discrete diffusion language models in JAX/Flax."""
+
+__version__ = "0.1.0"
