@@ -17,7 +17,7 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "d
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-  """The offline corpora in ../shared/data (present for developers and CI)."""
-  if not SHARED_DATA.is_dir():
+    """The offline corpora in ../shared/data (present for developers and CI)."""
+    if not SHARED_DATA.is_dir():
     pytest.fail(f"expected the offline data folder at {SHARED_DATA}")
-  return SHARED_DATA
+    return SHARED_DATA
