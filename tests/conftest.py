@@ -19,5 +19,5 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "d
 def shared_data() -> pathlib.Path:
     """The offline corpora in ../shared/data (present for developers and CI)."""
     if not SHARED_DATA.is_dir():
-    pytest.fail(f"expected the offline data folder at {SHARED_DATA}")
+        pytest.fail(f"expected the offline data folder at {SHARED_DATA}")
     return SHARED_DATA
