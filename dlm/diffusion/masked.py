@@ -1,0 +1,127 @@
+"""Masked (absorbing-state) diffusion with the SUBS parameterisation: MDLM / MD4.
+
+Forward process: each token is independently replaced by `mask_id` with probability
+1 - alpha(t). Reverse model (SUBS): the network's logits with zero mass on the mask token,
+and a point mass on the observed token wherever x_t is not masked (carry-over).
+
+Loss, per real token (loss_mask = 1), zero at unmasked positions:
+  continuous time (num_timesteps = 0), t ~ U[t_min, 1]:
+      w(t) * -log p(x_0^i | x_t),   w(t) = -alpha'(t) / (1 - alpha(t))
+  T steps (num_timesteps = T > 0), t uniform on {1/T, ..., 1}, s = t - 1/T:
+      T * (alpha(s) - alpha(t)) / (1 - alpha(t)) * -log p(x_0^i | x_t)
+Both are single-sample Monte-Carlo estimates of the NELBO's diffusion term; `nll` reports the
+same estimator per sequence (the continuous bound when T = 0, the T-step bound when T > 0).
+
+Following MDLM, two terms of the exact bound are left out. The reconstruction term for
+t < t_min is O(t_min) nats per token (zero in the T-step bound, since alpha(0) = 1). The prior
+term is zero when alpha(1) = eps = 0; for eps > 0 a token is clean at t = 1 with probability
+eps, which the all-masked prior cannot explain, so the bound is exact only up to O(eps).
+
+Padding positions are corrupted like any other (the network's inputs do not depend on where
+padding is) and excluded from the loss by loss_mask.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from dlm.diffusion import process, schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedDiffusion:
+    """MDLM's masked diffusion process; implements `process.Process`.
+
+    Attributes:
+      schedule: the noise schedule alpha(t).
+      mask_id: the absorbing token (V - 1).
+      t_min: smallest continuous training time (MDLM's sampling_eps).
+      num_timesteps: T > 0 for the T-step discrete-time bound, 0 for continuous time.
+    """
+
+    schedule: schedules.Schedule
+    mask_id: int
+    t_min: float = 1e-3
+    num_timesteps: int = 0
+
+    attention_kind: ClassVar[str] = "full"
+
+    def sample_times(self, rng: jax.Array, example_id_B: jax.Array, num_examples: int) -> jax.Array:
+        """Stratified float32 times t_B: in [t_min, 1], or on {1/T, ..., 1} when T > 0."""
+        if self.num_timesteps > 0:
+            return schedules.sample_grid_times(rng, example_id_B, num_examples, self.num_timesteps)
+        return schedules.sample_times(rng, example_id_B, num_examples, self.t_min)
+
+    def corrupt(
+        self,
+        tokens_BL: jax.Array,
+        t_B: jax.Array,
+        rng: jax.Array,
+        example_id_B: jax.Array | None = None,
+    ) -> jax.Array:
+        """x_t: int32 [B, L], each token replaced by mask_id with probability 1 - alpha(t).
+
+        Example b draws from fold_in(rng, example_id_B[b]) (default example_id_B: 0..B-1).
+        """
+        batch_size, length = tokens_BL.shape
+        if example_id_B is None:
+            example_id_B = jnp.arange(batch_size, dtype=jnp.int32)
+        keys_B = process.example_keys(rng, example_id_B)
+        u_BL = jax.vmap(lambda key: jax.random.uniform(key, (length,), jnp.float32))(keys_B)
+        is_masked_BL = u_BL < self.schedule.mask_prob(t_B)[:, None]
+        return jnp.where(is_masked_BL, self.mask_id, tokens_BL).astype(jnp.int32)
+
+    def subs_log_probs(self, logits_BLV: jax.Array, xt_BL: jax.Array) -> jax.Array:
+        """float32 log p(x_0 | x_t), [B, L, V], under the SUBS parameterisation.
+
+        Masked positions: log-softmax of the logits with the mask token at -inf. Unmasked
+        positions: 0 on the observed token, -inf elsewhere.
+        """
+        log_probs_BLV = jax.nn.log_softmax(process.exclude_token(logits_BLV, self.mask_id))
+        vocab_V = jnp.arange(logits_BLV.shape[-1])
+        carry_BLV = jnp.where(xt_BL[..., None] == vocab_V, 0.0, -jnp.inf)
+        is_masked_BL1 = (xt_BL == self.mask_id)[..., None]
+        return jnp.where(is_masked_BL1, log_probs_BLV, carry_BLV)
+
+    def time_weight(self, t_B: jax.Array) -> jax.Array:
+        """float32 [B]: the weight multiplying -log p(x_0^i | x_t) at masked positions."""
+        if self.num_timesteps == 0:
+            return self.schedule.loss_weight(t_B)
+        s_B = t_B - 1.0 / self.num_timesteps
+        mask_prob_t_B = self.schedule.mask_prob(t_B)
+        unmask_prob_B = (mask_prob_t_B - self.schedule.mask_prob(s_B)) / mask_prob_t_B
+        return self.num_timesteps * unmask_prob_B
+
+    def token_losses(
+        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, num_examples: int
+    ) -> jax.Array:
+        """float32 [B, L]: per-token NELBO estimates; 0 at unmasked and padding positions."""
+        tokens_BL = batch["tokens"]
+        example_id_B = batch["example_id"]
+        time_rng, mask_rng = jax.random.split(rng)
+        t_B = self.sample_times(time_rng, example_id_B, num_examples)
+        xt_BL = self.corrupt(tokens_BL, t_B, mask_rng, example_id_B)
+        log_probs_BLV = self.subs_log_probs(model_fn(xt_BL, t_B), xt_BL)
+        log_p_BL = jnp.take_along_axis(log_probs_BLV, tokens_BL[..., None], axis=-1)[..., 0]
+        loss_BL = -self.time_weight(t_B)[:, None] * log_p_BL
+        # `where`, not a product: log_p is -inf at padding that holds the mask id.
+        return jnp.where(batch["loss_mask"] > 0, loss_BL, 0.0)
+
+    def loss(
+        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int
+    ) -> tuple[jax.Array, process.Metrics]:
+        """See `process.Process.loss`; the mean is over all real tokens, masked or not."""
+        loss_sum = jnp.sum(self.token_losses(model_fn, batch, rng, num_examples))
+        token_count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        loss = loss_sum / jnp.maximum(token_count, 1.0)
+        return loss, {"loss_sum": loss_sum, "token_count": token_count}
+
+    def nll(
+        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """See `process.Process.nll`: one-sample NELBO estimates per sequence, float32 [B]."""
+        nll_sum_B = jnp.sum(self.token_losses(model_fn, batch, rng, num_examples), axis=-1)
+        token_count_B = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
+        return nll_sum_B, token_count_B
