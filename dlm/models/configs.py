@@ -1,0 +1,92 @@
+"""Named model sizes, config validation and model construction."""
+
+import math
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from dlm.models.dit import DiT
+from dlm.models.masks import MaskSpec, as_mask_spec
+from dlm.models.transformer import Transformer
+
+# hidden, layers, heads; micro is the CPU demo, the others follow MDLM.
+SIZES = {
+    "micro": (128, 4, 4),
+    "tiny": (512, 8, 8),
+    "small": (768, 12, 12),
+    "medium": (1024, 24, 16),
+}
+MODELS = {"dit": DiT, "transformer": Transformer}
+DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "pallas")
+_DEFAULT_MASKS = {"dit": str(MaskSpec.full()), "transformer": str(MaskSpec.causal())}
+
+
+def model_config(size: str = "small", name: str = "dit") -> ml_collections.ConfigDict:
+    """Returns the model ConfigDict for a named size; `name` is 'dit' or 'transformer'."""
+    _check_choice("model.size", size, SIZES)
+    _check_choice("model.name", name, MODELS)
+    hidden, layers, heads = SIZES[size]
+    return ml_collections.ConfigDict({
+        "name": name,
+        "size": size,
+        "hidden": hidden,
+        "layers": layers,
+        "heads": heads,
+        "kv_heads": heads,
+        "mlp_ratio": 4,
+        "cond_dim": 128,  # width of the DiT conditioning vector (MDLM's cond_dim)
+        "dropout": 0.1,
+        "time_conditioning": False,
+        "max_len": 1024,  # informational: RoPE needs no table
+        "dtype": "float32",  # compute dtype; parameters and logits stay float32
+        "attention_impl": "xla",
+        "mask": _DEFAULT_MASKS[name],
+    })
+
+
+def validate_model_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the offending `model.*` key and its allowed values."""
+    _check_choice("model.name", config.name, MODELS)
+    _check_choice("model.size", config.size, SIZES)
+    _check_choice("model.dtype", config.dtype, DTYPES)
+    _check_choice("model.attention_impl", config.attention_impl, ATTENTION_IMPLS)
+    for key in ("hidden", "layers", "heads", "kv_heads", "mlp_ratio", "cond_dim"):
+        value = config.get(key)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.{key} must be a positive int, got {value!r}")
+    if config.hidden % config.heads:
+        raise ValueError(f"model.hidden ({config.hidden}) must be divisible by model.heads "
+                         f"({config.heads})")
+    if (config.hidden // config.heads) % 2:
+        raise ValueError(f"model.hidden / model.heads = {config.hidden // config.heads} must be "
+                         "even (RoPE rotates pairs)")
+    if config.heads % config.kv_heads:
+        raise ValueError(f"model.kv_heads ({config.kv_heads}) must divide model.heads "
+                         f"({config.heads})")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {config.dropout}")
+    try:
+        as_mask_spec(config.mask)
+    except ValueError as e:
+        raise ValueError(f"model.mask: {e}") from None
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
+    """Validates `config` and returns the Flax module (DiT or Transformer) it names."""
+    validate_model_config(config)
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    frozen = ml_collections.FrozenConfigDict(config)
+    return MODELS[config.name](config=frozen, vocab_size=vocab_size)
+
+
+def param_count(params) -> int:
+    """Total number of parameters in a pytree of arrays or jax.ShapeDtypeStructs."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _check_choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")

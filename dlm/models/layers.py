@@ -1,0 +1,185 @@
+"""Building blocks shared by the DiT denoiser and the causal transformer.
+
+Parameters are float32; `dtype` is the compute dtype of the matmuls. Norms, RoPE, adaLN and
+the timestep embedding compute in float32, and the residual stream stays float32.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dlm.models.attention import attend
+from dlm.models.masks import MaskSpec
+
+Dtype = Any
+# PyTorch's nn.Linear / nn.Embedding default (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
+embed_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-1, out_axis=-2)
+
+
+class LayerNorm(nn.Module):
+    """Weight-only LayerNorm (scale, no bias). Returns float32 whatever the input dtype."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        mean = x.mean(axis=-1, keepdims=True)
+        var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale
+
+
+class Dense(nn.Module):
+    """Linear layer, bias-free by default: float32 parameters, matmul in `dtype` with float32
+    accumulation. Returns [..., features] in `out_dtype` (default `dtype`)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    out_dtype: Dtype | None = None
+    use_bias: bool = False
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                    preferred_element_type=jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return y.astype(self.out_dtype or self.dtype)
+
+
+def apply_rope(x_BTHD: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding (rotate-half convention) on [B, T, H, D], D even.
+
+    `positions` are integer [B, T] or [T]. Angles and rotation are computed in float32;
+    returns [B, T, H, D] in x's dtype.
+    """
+    D = x_BTHD.shape[-1]
+    if D % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {D}")
+    half = D // 2
+    inv_freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    positions = jnp.asarray(positions, jnp.float32)
+    if positions.ndim == 1:
+        positions = positions[None]
+    angles_BT1F = (positions[..., None] * inv_freq_F)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BT1F), jnp.sin(angles_BT1F)
+    x = x_BTHD.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHD.dtype)
+
+
+def modulate(x_BLD: jax.Array, shift_B1D: jax.Array, scale_B1D: jax.Array) -> jax.Array:
+    """adaLN modulation x * (1 + scale) + shift; returns [B, L, D]."""
+    return x_BLD * (1 + scale_B1D) + shift_B1D
+
+
+class AdaLNModulation(nn.Module):
+    """Projects the conditioning vector to `num` modulation vectors, zero-initialised.
+
+    With zero weights and bias every shift, scale and gate starts at 0, so an adaLN-zero block
+    starts as the identity. It keeps a bias (as DiT/MDLM) so the modulation is learnable even
+    when the conditioning input is constant. Returns `num` float32 arrays [B, 1, features].
+    """
+
+    num: int
+    features: int
+
+    @nn.compact
+    def __call__(self, c_BC: jax.Array) -> tuple[jax.Array, ...]:
+        out = Dense(self.num * self.features, jnp.float32, use_bias=True,
+                    kernel_init=nn.initializers.zeros)(c_BC)
+        return tuple(jnp.split(out[:, None, :], self.num, axis=-1))
+
+
+class MLP(nn.Module):
+    """Bias-free Dense -> GELU (tanh) -> Dense; returns [..., hidden] in `dtype`."""
+
+    hidden: int
+    mlp_ratio: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = Dense(self.mlp_ratio * self.hidden, self.dtype, name="fc1")(x)
+        h = nn.gelu(h, approximate=True)
+        return Dense(self.hidden, self.dtype, name="fc2")(h)
+
+
+def timestep_sinusoidal(t_B: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal features [cos | sin] of scalar times; returns float32 [B, dim], dim even."""
+    half = dim // 2
+    freqs_F = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args_BF = jnp.asarray(t_B, jnp.float32)[:, None] * freqs_F[None]
+    return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP(sinusoidal(t)) as in DiT/MDLM; returns float32 [B, features]."""
+
+    features: int
+    frequency_dim: int = 256
+
+    @nn.compact
+    def __call__(self, t_B: jax.Array) -> jax.Array:
+        h = timestep_sinusoidal(t_B, self.frequency_dim)
+        h = Dense(self.features, jnp.float32, use_bias=True, name="fc1")(h)
+        return Dense(self.features, jnp.float32, use_bias=True, name="fc2")(nn.silu(h))
+
+
+LayerCache = tuple[jax.Array, jax.Array]  # (k_BSKD, v_BSKD) of one layer
+
+
+class SelfAttention(nn.Module):
+    """Bias-free q/k/v projections, RoPE on q and k, `attend`, bias-free output projection.
+
+    Without a cache, keys are the T inputs themselves. With `layer_cache` (k, v [B, S, K, Dh]),
+    the new keys/values are written at slot `q_offset` (static or traced int) and the queries
+    attend over all S slots; `kv_valid_BS` must then mark the filled slots.
+    Returns (out [B, T, hidden] in `dtype`, updated layer cache or None).
+    """
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions: jax.Array,
+        mask: MaskSpec,
+        *,
+        q_offset=0,
+        kv_valid_BS: jax.Array | None = None,
+        layer_cache: LayerCache | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        B, T, _ = x_BTD.shape
+        head_dim = self.hidden // self.heads
+        q_BTHD = Dense(self.heads * head_dim, self.dtype, name="q")(x_BTD)
+        k_BTKD = Dense(self.kv_heads * head_dim, self.dtype, name="k")(x_BTD)
+        v_BTKD = Dense(self.kv_heads * head_dim, self.dtype, name="v")(x_BTD)
+        q_BTHD = apply_rope(q_BTHD.reshape(B, T, self.heads, head_dim), positions)
+        k_BTKD = apply_rope(k_BTKD.reshape(B, T, self.kv_heads, head_dim), positions)
+        v_BTKD = v_BTKD.reshape(B, T, self.kv_heads, head_dim)
+
+        new_cache = None
+        k_BSKD, v_BSKD = k_BTKD, v_BTKD
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            start = (0, q_offset, 0, 0)
+            k_BSKD = jax.lax.dynamic_update_slice(cache_k, k_BTKD.astype(cache_k.dtype), start)
+            v_BSKD = jax.lax.dynamic_update_slice(cache_v, v_BTKD.astype(cache_v.dtype), start)
+            new_cache = (k_BSKD, v_BSKD)
+        out_BTHD = attend(q_BTHD, k_BSKD.astype(self.dtype), v_BSKD.astype(self.dtype), mask,
+                          kv_valid_BS=kv_valid_BS, q_offset=q_offset, impl=self.attention_impl)
+        out = Dense(self.hidden, self.dtype, name="out")(out_BTHD.reshape(B, T, -1))
+        return out, new_cache
