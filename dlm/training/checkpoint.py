@@ -1,0 +1,72 @@
+"""Orbax checkpoints of the train state and the data iterator, written atomically.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint intact and the half-written one is ignored
+(and cleaned up) by the next run. Saves are asynchronous: training continues while the
+previous step is written; `close()` waits for the last one.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Keeps the newest `keep` checkpoints under `WORKDIR/checkpoints/<step>`."""
+
+    def __init__(self, workdir: str | pathlib.Path, keep: int, *, asynchronous: bool = True):
+        directory = pathlib.Path(workdir).expanduser().resolve() / "checkpoints"
+        self._manager = ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
+        )
+
+    @property
+    def directory(self) -> pathlib.Path:
+        return pathlib.Path(str(self._manager.directory))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, data_iterator: grain.DatasetIterator | None) -> None:
+        """Starts writing `state` (and the iterator position) as checkpoint `step`."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """Returns the state saved at `step`; also moves `data_iterator` to its position.
+
+        `abstract_state` gives the structure, shapes, dtypes and shardings to restore into
+        (e.g. `jax.eval_shape` of the initial state with shardings attached).
+        """
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(state):
+    """Shape/dtype/sharding skeleton of `state` for `Checkpointer.restore`."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

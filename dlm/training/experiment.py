@@ -1,0 +1,98 @@
+"""Everything a config determines, built once and shared by train, evaluate and sample."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from dlm import config_validation
+from dlm.data import pipeline, tokenizers
+from dlm.diffusion import process as process_lib
+from dlm.models import configs as model_configs
+from dlm.training import mesh as mesh_lib
+from dlm.training import optimizer as optimizer_lib
+from dlm.training.state import TrainState
+
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclasses.dataclass
+class Experiment:
+    """The data, tokenizer, network, process, mesh and optimizer of one run."""
+
+    config: ml_collections.ConfigDict
+    corpus: pipeline.Corpus
+    model: object  # flax.linen.Module
+    process: object  # dlm.diffusion.process.Process
+    mesh: jax.sharding.Mesh
+    tx: object  # optax.GradientTransformation
+
+    @property
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        return self.corpus.tokenizer
+
+    def init_state(self) -> TrainState:
+        """The initial state, replicated over the mesh (parameter count logged)."""
+        config = self.config
+        rng = jax.random.PRNGKey(config.seed)
+        init_rng, state_rng = jax.random.split(rng)
+        tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+
+        # Only the diffusion denoiser takes a time input.
+        inputs = (tokens, jnp.ones((1,))) if config.model.name == "dit" else (tokens,)
+
+        def create():
+            params = self.model.init({"params": init_rng}, *inputs, train=False)["params"]
+            return TrainState.create(params, self.tx, state_rng,
+                                     use_ema=config.optimizer.ema_decay > 0)
+
+        state = jax.jit(create, out_shardings=mesh_lib.replicated(self.mesh))()
+        logging.info("%s %s: %s parameters", config.model.name, config.model.size,
+                     f"{model_configs.param_count(state.params):,}")
+        return state
+
+
+def build(config: ml_collections.ConfigDict) -> Experiment:
+    """Validates `config` and builds the run's parts (prepares the dataset on first use)."""
+    config_validation.validate(config)
+    corpus = pipeline.load_corpus(config.data)
+    config = ml_collections.ConfigDict(config.to_dict())  # a copy we may annotate
+    config.model.vocab_size = corpus.tokenizer.vocab_size
+    model = model_configs.build_model(config.model, corpus.tokenizer.vocab_size)
+    process = process_lib.make_process(config, vocab_size=corpus.tokenizer.vocab_size)
+    mesh = mesh_lib.make_mesh()
+    per_device = config.data.batch_size // max(jax.device_count(), 1)
+    if per_device % config.optimizer.grad_accum_steps:
+        raise ValueError(
+            f"config.data.batch_size={config.data.batch_size} over {jax.device_count()} "
+            f"devices gives {per_device} rows per device, not divisible by "
+            f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
+    tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
+    return Experiment(config, corpus, model, process, mesh, tx)
+
+
+def save_run_files(experiment: Experiment, workdir: pathlib.Path) -> None:
+    """Writes the config and tokenizer beside the checkpoints (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / CONFIG_FILE).write_text(experiment.config.to_json_best_effort(indent=2))
+    experiment.tokenizer.save(workdir / TOKENIZER_DIR)
+
+
+def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was trained with."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a dlm training workdir?")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    if "vocab_size" in config.model:  # recorded for readers; the tokenizer decides it
+        del config.model["vocab_size"]
+    return config

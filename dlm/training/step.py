@@ -1,0 +1,98 @@
+"""The train step, written per device (as pmap code is) and run through `jax.shard_map`.
+
+Each device holds a slice of the global batch and a full copy of the state. Gradients are
+summed over the `data` axis and divided by the global number of loss tokens, so the update
+equals the one a single device would compute on the whole batch. Randomness is keyed by
+step and by example (see `dlm.diffusion.process`), never by device, except dropout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from dlm.training.state import TrainState
+
+DATA_AXIS = "data"
+
+
+def model_fn(model, params, *, train: bool, dropout_rng: jax.Array | None = None):
+    """Binds a Flax network to `params`: returns `fn(tokens_BL, t_B) -> logits_BLV`."""
+    rngs = {"dropout": dropout_rng} if train else None
+
+    def fn(tokens_BL, t_B=None):
+        args = (tokens_BL,) if t_B is None else (tokens_BL, t_B)
+        return model.apply({"params": params}, *args, train=train, rngs=rngs)
+
+    return fn
+
+
+def _per_device_step(state: TrainState, batch: dict, *, model, process, tx, ema_decay: float,
+                     grad_accum_steps: int, num_examples: int):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    loss_rng, dropout_rng = jax.random.split(step_rng)
+    dropout_rng = jax.random.fold_in(dropout_rng, lax.axis_index(DATA_AXIS))
+
+    def loss_sum(params, micro_batch, micro_index):
+        fn = model_fn(model, params, train=True,
+                      dropout_rng=jax.random.fold_in(dropout_rng, micro_index))
+        _, metrics = process.loss(fn, micro_batch, loss_rng, num_examples=num_examples)
+        return metrics["loss_sum"], metrics
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+        batch)
+
+    def accumulate(carry, inputs):
+        grads_sum, loss_total, tokens = carry
+        (loss, metrics), grads = grad_fn(state.params, *inputs)
+        return (jax.tree.map(jnp.add, grads_sum, grads), loss_total + loss,
+                tokens + metrics["token_count"]), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    init = lax.pcast(init, (DATA_AXIS,), to="varying")  # per-device partial sums
+    (grads, loss_total, tokens), _ = lax.scan(
+        accumulate, init, (micro_batches, jnp.arange(grad_accum_steps)))
+    grads, loss_total, tokens = lax.psum((grads, loss_total, tokens), DATA_AXIS)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = opt_state.last_finite
+    ema_params = state.ema_params
+    if ema_params is not None:
+        ema_params = jax.tree.map(
+            lambda e, p: jnp.where(finite, ema_decay * e + (1.0 - ema_decay) * p, e),
+            ema_params, params)
+    metrics = {
+        "train/loss": loss_total / tokens,
+        "train/grad_norm": optax.global_norm(grads),
+        "train/tokens": tokens,
+        "train/skipped": (~finite).astype(jnp.int32),
+        "train/skipped_in_a_row": opt_state.notfinite_count,
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema_params)
+    return new_state, metrics
+
+
+def make_train_step(model, process, tx, mesh, *, ema_decay: float, grad_accum_steps: int,
+                    global_batch: int):
+    """Returns `step(state, batch) -> (state, metrics)`, jitted over `mesh`.
+
+    `batch` holds global arrays sharded along `data` on their first axis (tokens,
+    loss_mask, example_id); the state is replicated and donated.
+    """
+    per_device = functools.partial(
+        _per_device_step, model=model, process=process, tx=tx, ema_decay=ema_decay,
+        grad_accum_steps=grad_accum_steps, num_examples=global_batch)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                            out_specs=(P(), P()))
+    return jax.jit(sharded, donate_argnums=0)

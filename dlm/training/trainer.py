@@ -1,0 +1,142 @@
+"""The training loop: resume, step, log, evaluate, checkpoint; the same for every process."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dlm.data import pipeline
+from dlm.evaluation import likelihood
+from dlm.training import checkpoint as checkpoint_lib
+from dlm.training import experiment as experiment_lib
+from dlm.training import mesh as mesh_lib
+from dlm.training import metrics as metrics_lib
+from dlm.training import optimizer as optimizer_lib
+from dlm.training.step import make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+def evaluate_params(exp: experiment_lib.Experiment, params, *, split: str | None = None,
+                    num_batches: int | None = None) -> dict[str, float]:
+    """The likelihood metrics of `params` on `split` (default `config.eval.split`)."""
+    config = exp.config
+    nll_fn = likelihood.make_nll_fn(exp.model, exp.process, exp.mesh,
+                                    global_batch=config.data.eval_batch_size)
+    batches = pipeline.eval_batches(
+        config.data, exp.corpus, split or config.eval.split,
+        num_batches=config.eval.num_batches if num_batches is None else num_batches)
+    return likelihood.evaluate(nll_fn, params,
+                               (mesh_lib.global_batch(b, exp.mesh) for b in batches),
+                               seed=config.eval.seed)
+
+
+def _restore_or_init(exp, checkpointer, data_iterator):
+    state = exp.init_state()
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        logging.info("resuming from %s/%d", checkpointer.directory, latest)
+        return checkpointer.restore(latest, checkpoint_lib.abstract_like(state), data_iterator)
+    if exp.config.init_from:
+        source = checkpoint_lib.Checkpointer(exp.config.init_from, keep=1)
+        step = source.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"config.init_from={exp.config.init_from!r} holds no checkpoint")
+        loaded = source.restore(step, checkpoint_lib.abstract_like(state))
+        logging.info("initialised params from %s step %d", exp.config.init_from, step)
+        params = loaded.eval_params(use_ema=True)
+        ema = None if state.ema_params is None else params
+        state = state.replace(params=params, ema_params=ema,
+                              opt_state=exp.tx.init(params))
+    return state
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir` to `config.total_steps`.
+
+    Returns the last logged train metrics merged with the last evaluation.
+    """
+    metrics_lib.quiet_library_logs()
+    workdir = pathlib.Path(workdir).expanduser().resolve()
+    exp = experiment_lib.build(config)
+    config = exp.config
+    experiment_lib.save_run_files(exp, workdir)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+    data_iterator = pipeline.train_iterator(config.data, exp.corpus, seed=config.seed)
+    state = _restore_or_init(exp, checkpointer, data_iterator)
+    step_fn = make_train_step(exp.model, exp.process, exp.tx, exp.mesh,
+                              ema_decay=config.optimizer.ema_decay,
+                              grad_accum_steps=config.optimizer.grad_accum_steps,
+                              global_batch=config.data.batch_size)
+    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.total_steps)
+    writer = metrics_lib.MetricWriter(workdir)
+    start = int(state.step)
+    progress = metrics_lib.Progress(start, config.total_steps)
+    pending, window, last = None, [], {}
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            batch = mesh_lib.global_batch(next(data_iterator), exp.mesh)
+            state, metrics = step_fn(state, batch)
+            # Read the previous step's metrics, so the host never waits for this one.
+            if pending is not None:
+                window.append(_check_finite(jax.device_get(pending), config))
+            pending = metrics
+            if step % config.log_every == 0 or step == config.total_steps:
+                window.append(_check_finite(jax.device_get(pending), config))
+                pending = None
+                last = _log_window(window, step, progress, schedule, config)
+                window = []
+                writer.write(step, last)
+            if step % config.eval_every == 0 or step == config.total_steps:
+                params = state.eval_params(config.eval.use_ema)
+                evaluation = evaluate_params(exp, params)
+                logging.info("step %d  eval %s", step, _fmt(evaluation))
+                writer.write(step, evaluation)
+                last.update(evaluation)
+            if step % config.checkpoint_every == 0 or step == config.total_steps:
+                checkpointer.save(step, state, data_iterator)
+    finally:
+        checkpointer.close()
+        writer.close()
+    return last
+
+
+def _check_finite(metrics: dict, config) -> dict:
+    in_a_row = int(metrics["train/skipped_in_a_row"])
+    if metrics["train/skipped"]:
+        logging.warning("skipped a step with a non-finite loss or gradient (%d in a row)",
+                        in_a_row)
+    if in_a_row >= config.max_consecutive_nonfinite:
+        raise NonFiniteError(
+            f"{in_a_row} consecutive steps had a non-finite loss or gradient "
+            f"(config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}); "
+            "training stopped. Lower optimizer.learning_rate or check the data.")
+    return metrics
+
+
+def _log_window(window: list[dict], step: int, progress, schedule, config) -> dict:
+    losses = np.array([float(m["train/loss"]) for m in window])
+    finite = np.isfinite(losses)
+    steps_per_sec = progress.report(step, float(losses[finite].mean()) if finite.any()
+                                    else float("nan"))
+    tokens = float(window[-1]["train/tokens"])
+    return {
+        "train/loss": float(losses[finite].mean()) if finite.any() else float("nan"),
+        "train/grad_norm": float(np.mean([float(m["train/grad_norm"]) for m in window])),
+        "train/learning_rate": float(schedule(step)),
+        "train/skipped_steps": int(sum(int(m["train/skipped"]) for m in window)),
+        "steps_per_sec": steps_per_sec,
+        "tokens_per_sec": steps_per_sec * config.data.batch_size * config.data.seq_len,
+        "train/loss_tokens_per_step": tokens,
+    }
+
+
+def _fmt(metrics: dict) -> str:
+    return "  ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items())
