@@ -6,7 +6,8 @@ setuptools.setup(
     name="dlm",
     version="0.1.0",
     description="Masked, block and energy-based discrete diffusion language models in JAX.",
-    packages=setuptools.find_packages(include=["dlm", "dlm.*", "experiments", "configs", "pallas_kernels"]),
+    packages=setuptools.find_packages(
+        include=["dlm", "dlm.*", "experiments", "configs", "pallas_kernels"]),
     package_data={"dlm.data": ["corpora/*"]},
     python_requires=">=3.11",
     install_requires=[

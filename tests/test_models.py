@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlm.models import KVCache, MaskSpec, build_model, model_config, param_count
+from dlm.models import KVCache, build_model, model_config, param_count
 from dlm.models.dit import DiT
 from dlm.models.layers import Dense, LayerNorm, apply_rope
 from dlm.models.transformer import Transformer
