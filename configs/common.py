@@ -16,6 +16,7 @@ def base_config(process: str, model_name: str, size: str) -> ml_collections.Conf
     config.keep_checkpoints = 3
     config.max_consecutive_nonfinite = 10  # halt after this many skipped steps in a row
     config.init_from = ""  # a workdir whose latest params initialise this run
+    config.fsdp = False  # shard params, EMA and optimizer state over the devices
 
     config.data = ml_collections.ConfigDict(dict(
         name="tiny_shakespeare",  # see dlm.data.builders.prepare_builder

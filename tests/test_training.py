@@ -4,9 +4,9 @@ import dataclasses
 import json
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
+from helpers import small_config
 
 from configs import ar, mdlm
 from dlm import config_validation
@@ -16,22 +16,6 @@ from dlm.training import experiment, trainer
 from dlm.training import mesh as mesh_lib
 from dlm.training.step import make_train_step
 from experiments import evaluate as evaluate_entry
-
-
-def small_config(data_dir, method=mdlm, **overrides) -> ml_collections.ConfigDict:
-    config = method.get_config("micro")
-    config.model.update(hidden=32, layers=2, heads=2, kv_heads=2, cond_dim=32, dropout=0.0)
-    config.data.update(data_dir=str(data_dir), seq_len=32, batch_size=16, eval_batch_size=8)
-    config.update(total_steps=6, log_every=1, eval_every=1000, checkpoint_every=3)
-    config.optimizer.update(warmup_steps=2, learning_rate=3e-3)
-    config.eval.num_batches = 2
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +34,8 @@ def _run_steps(exp, mesh, local_batches, grad_accum_steps=1):
     step = make_train_step(exp.model, exp.process, exp.tx, mesh,
                            ema_decay=exp.config.optimizer.ema_decay,
                            grad_accum_steps=grad_accum_steps,
-                           global_batch=exp.config.data.batch_size)
+                           global_batch=exp.config.data.batch_size,
+                           state_sharding=exp.state_sharding())
     losses = []
     for local in local_batches:
         state, metrics = step(state, mesh_lib.global_batch(local, mesh))
@@ -69,6 +54,23 @@ def test_eight_devices_equal_one_device(data_dir, method):
     assert losses8[2] != losses8[0]  # the steps did train
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
                  state8.params, state1.params)
+
+
+def test_fsdp_shards_the_state_and_matches_replicated_training(data_dir):
+    exp = experiment.build(small_config(data_dir, **{"model.hidden": 64}))
+    batches = _batches(exp, 2)
+    replicated, losses = _run_steps(exp, exp.mesh, batches)
+    exp.config.fsdp = True
+    sharding = exp.state_sharding()
+    mlp_kernel = [s for path, s in jax.tree_util.tree_leaves_with_path(sharding.params)
+                  if "mlp" in jax.tree_util.keystr(path)]
+    assert mlp_kernel and all("data" in s.spec for s in mlp_kernel)
+    mu = jax.tree.leaves(sharding.opt_state)
+    assert any(s.spec != () for s in mu)  # Adam moments are sharded too
+    sharded, losses_fsdp = _run_steps(exp, exp.mesh, batches)
+    np.testing.assert_allclose(losses_fsdp, losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+                 sharded.params, replicated.params)
 
 
 def test_gradient_accumulation_equals_one_big_step(data_dir):

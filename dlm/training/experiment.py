@@ -38,8 +38,19 @@ class Experiment:
     def tokenizer(self) -> tokenizers.Tokenizer:
         return self.corpus.tokenizer
 
+    def state_sharding(self):
+        """How the train state lies on the mesh: replicated, or FSDP (`config.fsdp`)."""
+        abstract = jax.eval_shape(self._create_state)
+        return mesh_lib.state_sharding(abstract, self.mesh, fsdp=self.config.fsdp)
+
     def init_state(self) -> TrainState:
-        """The initial state, replicated over the mesh (parameter count logged)."""
+        """The initial state laid out by `state_sharding` (parameter count logged)."""
+        state = jax.jit(self._create_state, out_shardings=self.state_sharding())()
+        logging.info("%s %s: %s parameters", self.config.model.name, self.config.model.size,
+                     f"{model_configs.param_count(state.params):,}")
+        return state
+
+    def _create_state(self) -> TrainState:
         config = self.config
         rng = jax.random.PRNGKey(config.seed)
         init_rng, state_rng = jax.random.split(rng)
@@ -48,15 +59,9 @@ class Experiment:
         # Only the diffusion denoiser takes a time input.
         inputs = (tokens, jnp.ones((1,))) if config.model.name == "dit" else (tokens,)
 
-        def create():
-            params = self.model.init({"params": init_rng}, *inputs, train=False)["params"]
-            return TrainState.create(params, self.tx, state_rng,
-                                     use_ema=config.optimizer.ema_decay > 0)
-
-        state = jax.jit(create, out_shardings=mesh_lib.replicated(self.mesh))()
-        logging.info("%s %s: %s parameters", config.model.name, config.model.size,
-                     f"{model_configs.param_count(state.params):,}")
-        return state
+        params = self.model.init({"params": init_rng}, *inputs, train=False)["params"]
+        return TrainState.create(params, self.tx, state_rng,
+                                 use_ema=config.optimizer.ema_decay > 0)
 
 
 def build(config: ml_collections.ConfigDict) -> Experiment:

@@ -32,3 +32,27 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) ->
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
+
+def state_sharding(abstract_state, mesh: jax.sharding.Mesh, *, fsdp: bool,
+                   min_fsdp_size: int = 2**14):
+    """Shardings for a train state: all replicated, or FSDP.
+
+    With `fsdp`, every leaf of at least `min_fsdp_size` elements is split along `data` on
+    its largest axis that the number of devices divides (params, EMA and Adam moments
+    alike); smaller leaves and leaves with no such axis stay replicated. The gradient
+    computation sees gathered parameters; the optimizer update runs on the shards.
+    """
+    devices = mesh.shape[DATA_AXIS]
+
+    def leaf(x):
+        shape = tuple(x.shape)
+        if fsdp and devices > 1 and np.prod(shape, dtype=np.int64) >= min_fsdp_size:
+            for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+                if shape[axis] % devices == 0:
+                    spec = [None] * len(shape)
+                    spec[axis] = DATA_AXIS
+                    return NamedSharding(mesh, P(*spec))
+        return replicated(mesh)
+
+    return jax.tree.map(leaf, abstract_state)
+

@@ -1,6 +1,6 @@
-"""The train step, written per device (as pmap code is) and run through `jax.shard_map`.
+"""The train step: gradients written per device (as pmap code is) under `jax.shard_map`.
 
-Each device holds a slice of the global batch and a full copy of the state. Gradients are
+Each device holds a slice of the global batch and sees the full parameters. Gradients are
 summed over the `data` axis and divided by the global number of loss tokens, so the update
 equals the one a single device would compute on the whole batch. Randomness is keyed by
 step and by example (see `dlm.diffusion.process`), never by device, except dropout.
@@ -32,10 +32,13 @@ def model_fn(model, params, *, train: bool, dropout_rng: jax.Array | None = None
     return fn
 
 
-def _per_device_step(state: TrainState, batch: dict, *, model, process, tx, ema_decay: float,
-                     grad_accum_steps: int, num_examples: int):
-    step_rng = jax.random.fold_in(state.rng, state.step)
-    loss_rng, dropout_rng = jax.random.split(step_rng)
+def _per_device_grads(params, rng, batch: dict, *, model, process, grad_accum_steps: int,
+                      num_examples: int):
+    """Per device: gradients of the global mean loss, summed over the `data` axis.
+
+    Returns (grads, loss, tokens), identical on every device.
+    """
+    loss_rng, dropout_rng = jax.random.split(rng)
     dropout_rng = jax.random.fold_in(dropout_rng, lax.axis_index(DATA_AXIS))
 
     def loss_sum(params, micro_batch, micro_index):
@@ -51,48 +54,61 @@ def _per_device_step(state: TrainState, batch: dict, *, model, process, tx, ema_
 
     def accumulate(carry, inputs):
         grads_sum, loss_total, tokens = carry
-        (loss, metrics), grads = grad_fn(state.params, *inputs)
+        (loss, metrics), grads = grad_fn(params, *inputs)
         return (jax.tree.map(jnp.add, grads_sum, grads), loss_total + loss,
                 tokens + metrics["token_count"]), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32))
     init = lax.pcast(init, (DATA_AXIS,), to="varying")  # per-device partial sums
     (grads, loss_total, tokens), _ = lax.scan(
         accumulate, init, (micro_batches, jnp.arange(grad_accum_steps)))
     grads, loss_total, tokens = lax.psum((grads, loss_total, tokens), DATA_AXIS)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
-
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = opt_state.last_finite
-    ema_params = state.ema_params
-    if ema_params is not None:
-        ema_params = jax.tree.map(
-            lambda e, p: jnp.where(finite, ema_decay * e + (1.0 - ema_decay) * p, e),
-            ema_params, params)
-    metrics = {
-        "train/loss": loss_total / tokens,
-        "train/grad_norm": optax.global_norm(grads),
-        "train/tokens": tokens,
-        "train/skipped": (~finite).astype(jnp.int32),
-        "train/skipped_in_a_row": opt_state.notfinite_count,
-    }
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema_params)
-    return new_state, metrics
+    return jax.tree.map(lambda g: g / tokens, grads), loss_total / tokens, tokens
 
 
 def make_train_step(model, process, tx, mesh, *, ema_decay: float, grad_accum_steps: int,
-                    global_batch: int):
+                    global_batch: int, state_sharding=None):
     """Returns `step(state, batch) -> (state, metrics)`, jitted over `mesh`.
 
     `batch` holds global arrays sharded along `data` on their first axis (tokens,
-    loss_mask, example_id); the state is replicated and donated.
+    loss_mask, example_id). The gradients are computed per device under `shard_map`; the
+    optimizer update runs on the state as it is laid out (`state_sharding`: replicated by
+    default, or FSDP-sharded, see `dlm.training.mesh.state_sharding`). The state is donated.
     """
     per_device = functools.partial(
-        _per_device_step, model=model, process=process, tx=tx, ema_decay=ema_decay,
-        grad_accum_steps=grad_accum_steps, num_examples=global_batch)
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                            out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=0)
+        _per_device_grads, model=model, process=process, grad_accum_steps=grad_accum_steps,
+        num_examples=global_batch)
+    grads_fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
+                             out_specs=(P(), P(), P()))
+
+    def step(state: TrainState, batch: dict):
+        grads, loss, tokens = grads_fn(state.params, jax.random.fold_in(state.rng, state.step),
+                                       batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = opt_state.last_finite
+        ema_params = state.ema_params
+        if ema_params is not None:
+            # Warm-up of the decay (as TF's ExponentialMovingAverage with num_updates), so
+            # that a short run's EMA is not dominated by the random initialisation.
+            step_f = state.step.astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
+            ema_params = jax.tree.map(
+                lambda e, p: jnp.where(finite, decay * e + (1.0 - decay) * p, e),
+                ema_params, params)
+        metrics = {
+            "train/loss": loss,
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/tokens": tokens,
+            "train/skipped": (~finite).astype(jnp.int32),
+            "train/skipped_in_a_row": opt_state.notfinite_count,
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema_params=ema_params)
+        return new_state, metrics
+
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, in_shardings=(state_sharding, None),
+                   out_shardings=(state_sharding, None), donate_argnums=0)

@@ -74,7 +74,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     step_fn = make_train_step(exp.model, exp.process, exp.tx, exp.mesh,
                               ema_decay=config.optimizer.ema_decay,
                               grad_accum_steps=config.optimizer.grad_accum_steps,
-                              global_batch=config.data.batch_size)
+                              global_batch=config.data.batch_size,
+                              state_sharding=exp.state_sharding())
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.total_steps)
     writer = metrics_lib.MetricWriter(workdir)
     start = int(state.step)
