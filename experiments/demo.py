@@ -12,13 +12,15 @@ from configs import mdlm
 from dlm.training import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/dlm_demo", "Where the demo run lives.")
-_STEPS = flags.DEFINE_integer("steps", 600, "Training steps.")
+_STEPS = flags.DEFINE_integer("steps", 500, "Training steps.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Characters per training sequence.")
 
 
 def main(argv):
     del argv
     config = mdlm.get_config("micro")
     config.total_steps = _STEPS.value
+    config.data.seq_len = _SEQ_LEN.value
     config.eval_every = _STEPS.value
     config.checkpoint_every = _STEPS.value
     metrics = trainer.train(config, _WORKDIR.value)

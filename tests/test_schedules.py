@@ -68,7 +68,7 @@ def test_alpha_endpoints_and_monotone(schedule):
         (schedules.CosineSchedule(eps=0.01), lambda t: 0.01 + 0.99 * np.cos(np.pi / 2 * t)),
         (schedules.PolynomialSchedule(power=3.0, eps=0.0), lambda t: 1 - t**3),
     ],
-    ids=repr,
+    ids=["linear", "cosine", "polynomial"],
 )
 def test_alpha_formulas(schedule, formula):
     t = np.linspace(0.0, 1.0, 21)
