@@ -69,7 +69,8 @@ def make_sampler(name: str, steps: int | None = None, overrides: dict | None = N
     return sampling.get_sampler(name, **overrides)
 
 
-def check_compatible(sampler, run: loading.Run, judge: loading.Run | None = None) -> None:
+def check_compatible(sampler, run: loading.RunFiles, judge: loading.RunFiles | None = None
+                     ) -> None:
     """Raises ValueError when the sampler does not fit the run's network, or the judge is not
     a causal model with the same tokenizer."""
     wants_ar = sampler.name in recipes.AUTOREGRESSIVE
@@ -88,7 +89,7 @@ def check_compatible(sampler, run: loading.Run, judge: loading.Run | None = None
             f"vocab {run.tokenizer.vocab_size}): its perplexity would be meaningless")
 
 
-def prompt_tokens(run: loading.Run, prompt: str, length: int) -> np.ndarray:
+def prompt_tokens(run: loading.RunFiles, prompt: str, length: int) -> np.ndarray:
     """int32 [P]: the encoded prompt (BOS alone for an AR run without one)."""
     tokens = run.tokenizer.encode(prompt) if prompt else np.zeros((0,), np.int32)
     if run.is_autoregressive and tokens.size == 0:
@@ -112,7 +113,9 @@ def draw(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: st
     batch_size = min(batch_size, num_samples)
     tokens_BL, known_BL, prompt_len = engine.prefix_inputs(
         prompt_ids, batch_size, length, run.network.vocab.mask_id)
-    prefix_len = prompt_len if sampler.rule.uses_prefix else 0
+    prefix_len = engine.static_prefix(sampler, prompt_len)
+    sharding = loading.batch_sharding(run, batch_size)
+    tokens_BL, known_BL = (jax.device_put(x, sharding) for x in (tokens_BL, known_BL))
     rng = jax.random.PRNGKey(seed)
     start = time.perf_counter()
     sample_fn = engine.compile_run(sampler, run.network, run.params, tokens_BL, known_BL, rng,
@@ -134,8 +137,8 @@ def draw(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: st
     stop = sampler.stop
     scored = generative.scored_mask(
         tokens, mask_id=run.network.vocab.mask_id, pad_id=tokenizer.pad_id,
-        end_id=tokenizer.eos_id if stop.at_eos else None, start_BL=~known_BL[:1])
-    generated = scored & ~known_BL[:1]
+        end_id=tokenizer.eos_id if stop.at_eos else None, start_BL=~np.asarray(known_BL)[:1])
+    generated = scored & ~np.asarray(known_BL)[:1]
     records = [{
         "text": tokenizer.decode(row[keep]),
         "tokens": row.tolist(),
@@ -168,10 +171,15 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
                    overrides: dict | None = None, checkpoint_step: int | None = None,
                    use_ema: bool | None = None) -> dict:
     """The command line as a function: writes `out` (JSON lines), returns the summary."""
-    sampler = make_sampler(sampler_name, steps, overrides)  # fail fast on a bad name
-    run = loading.load_run(workdir, checkpoint_step, use_ema)
-    judge = loading.load_run(judge_workdir) if judge_workdir else None
-    length = length or int(run.config.data.seq_len)
+    # Every check that needs no weights comes before loading them.
+    sampler = make_sampler(sampler_name, steps, overrides)
+    files = loading.read_run(workdir)
+    judge_files = loading.read_run(judge_workdir) if judge_workdir else None
+    check_compatible(sampler, files, judge_files)
+    length = length or int(files.config.data.seq_len)
+    prompt_tokens(files, prompt, length)
+    run = loading.load_run(files, checkpoint_step, use_ema)
+    judge = loading.load_run(judge_files) if judge_files else None
     records, summary = draw(run, sampler, num_samples=num_samples, length=length,
                             prompt=prompt, seed=seed, batch_size=batch_size, judge=judge)
     path = pathlib.Path(out)

@@ -30,27 +30,32 @@ class Tokenizer(abc.ABC):
     """Text <-> int32 ids, with pad / bos / eos specials and a final mask id."""
 
     name: str
+    # Set by each subclass's constructor.
+    _size: int
+    _bos: int
+    _eos: int
+    _pad: int
 
     @property
-    @abc.abstractmethod
     def vocab_size(self) -> int:
         """Embedding size: real tokens, specials and the mask (the last id)."""
+        return self._size
 
     @property
     def mask_id(self) -> int:
-        return self.vocab_size - 1
+        return self._size - 1
 
     @property
-    @abc.abstractmethod
-    def bos_id(self) -> int: ...
+    def bos_id(self) -> int:
+        return self._bos
 
     @property
-    @abc.abstractmethod
-    def eos_id(self) -> int: ...
+    def eos_id(self) -> int:
+        return self._eos
 
     @property
-    @abc.abstractmethod
-    def pad_id(self) -> int: ...
+    def pad_id(self) -> int:
+        return self._pad
 
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
@@ -133,6 +138,7 @@ class CharTokenizer(Tokenizer):
         self.chars = chars
         n = len(chars)
         self._pad, self._bos, self._eos, self.unk_id = n, n + 1, n + 2, n + 3
+        self._size = n + 5
         codes = np.array([ord(c) for c in chars], dtype=np.uint32)
         self._order = np.argsort(codes).astype(np.int32)
         self._sorted_codes = codes[self._order]
@@ -142,22 +148,6 @@ class CharTokenizer(Tokenizer):
     def from_text(cls, text: str) -> CharTokenizer:
         """Returns a tokenizer over the sorted distinct characters of ``text``."""
         return cls(sorted(set(text)))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars) + 5
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
 
     def encode(self, text: str) -> np.ndarray:
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
@@ -194,27 +184,12 @@ class _ByteLevelBPE(Tokenizer):
     def __init__(self, hf: hf_tokenizers.Tokenizer, *, eos_id: int, pad_id: int):
         self._hf = hf
         self._hf.encode_special_tokens = True
-        self._eos, self._pad = eos_id, pad_id
+        self._bos = self._eos = eos_id
+        self._pad = pad_id
         # The pad may live just past the HF vocabulary (GPT-2 has none); the mask comes last.
         self._size = max(hf.get_vocab_size(with_added_tokens=True), pad_id + 1) + 1
         if not (eos_id < self.mask_id and pad_id < self.mask_id and eos_id != pad_id):
             raise ValueError(f"bad special ids eos={eos_id} pad={pad_id} for vocab {self._size}")
-
-    @property
-    def vocab_size(self) -> int:
-        return self._size
-
-    @property
-    def bos_id(self) -> int:
-        return self._eos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
