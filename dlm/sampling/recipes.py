@@ -1,0 +1,165 @@
+"""Named samplers: the published algorithms as policies on the one engine.
+
+Every recipe is a function of keyword options returning a `Sampler`; `get_sampler(name,
+**overrides)` looks one up (`ddpm_cache` is `mdlm` with `cache_logits=True`). Options shared
+by all: temperature (0: greedy), top_k (0: off), top_p (1: off), gumbel_dtype (None: float64
+on cpu/gpu), stop_at_eos, eos_fill ('eos' or 'pad'), suppress_eos. Adding a recipe: write a
+function here and list it in SAMPLERS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+from dlm.sampling import categorical, scores, select, times, transforms
+from dlm.sampling.autoregressive import NextToken
+from dlm.sampling.engine import Sampler
+from dlm.sampling.stop import Stop
+from dlm.sampling.unmask import Unmask
+
+
+def _check_positive(name: str, value, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int" +
+                         (" or None" if allow_none else ""))
+
+
+def _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos):
+    categorical.resolve_dtype(gumbel_dtype)  # validates
+    return (transforms.standard(temperature, top_k, top_p, suppress_eos),
+            categorical.proposal_for(temperature, gumbel_dtype))
+
+
+def mdlm(steps: int | None = None, eps: float = 1e-5, noise_removal: bool = True,
+         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+         gumbel_dtype: str | None = None, stop_at_eos: bool = False, eos_fill: str = "eos",
+         suppress_eos: bool = False, cache_logits: bool = False) -> Sampler:
+    """MDLM's ancestral sampler: `steps` reverse steps on a uniform time grid from 1 to eps
+    (None: one per position), each revealing a masked position with probability
+    (alpha_s - alpha_t) / (1 - alpha_t) and drawing its token from p(x_0 | x_t); then, with
+    `noise_removal`, one argmax step for what is left (steps + 1 network calls).
+
+    `cache_logits` (the `ddpm_cache` sampler) skips the network while no token changed since
+    its last call, for networks that are not time-conditioned: the same samples under the
+    same key, fewer calls."""
+    _check_positive("steps", steps)
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps={eps} must lie in [0, 1)")
+    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
+    rule = Unmask(select=select.Reveal(), proposal=proposal, transforms=chain, steps=steps,
+                  time=times.GridTime(eps if noise_removal else 0.0),
+                  final_greedy=noise_removal, cache_logits=cache_logits)
+    return Sampler("mdlm", rule, Stop(stop_at_eos, eos_fill))
+
+
+def first_hitting(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  gumbel_dtype: str | None = None, stop_at_eos: bool = False,
+                  eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
+    """First-hitting sampler (Zheng et al., 2024): one uniformly chosen masked position per
+    network call, at the exact time it is revealed; L calls for L masks."""
+    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
+    rule = Unmask(select=select.FixedCount(1), score=scores.Random(), proposal=proposal,
+                  transforms=chain, time=times.FirstHitting())
+    return Sampler("first_hitting", rule, Stop(stop_at_eos, eos_fill))
+
+
+def llada(steps: int | None = None, block_length: int | None = 32,
+          remasking: str = "low_confidence", temperature: float = 0.0, top_k: int = 0,
+          top_p: float = 1.0, gumbel_dtype: str | None = None, stop_at_eos: bool = False,
+          eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
+    """LLaDA: semi-autoregressive blocks of `block_length` (None: one block), `steps` (None:
+    one per position) shared evenly between them; each step commits a fixed share of the
+    block's masks, the most confident ('low_confidence' remasking) or random ones."""
+    _check_positive("steps", steps)
+    _check_positive("block_length", block_length)
+    choices = {"low_confidence": scores.Probability(), "random": scores.Random()}
+    if remasking not in choices:
+        raise ValueError(f"remasking={remasking!r}; allowed: {', '.join(choices)}")
+    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
+    rule = Unmask(select=select.ScheduledCount("linear"), score=choices[remasking],
+                  proposal=proposal, transforms=chain, steps=steps, block_length=block_length)
+    return Sampler("llada", rule, Stop(stop_at_eos, eos_fill))
+
+
+def dream(steps: int | None = None, alg: str = "entropy", temperature: float = 0.2,
+          top_k: int = 0, top_p: float = 0.95, block_length: int | None = None,
+          gumbel_dtype: str | None = None, stop_at_eos: bool = False, eos_fill: str = "eos",
+          suppress_eos: bool = False) -> Sampler:
+    """Dream: each of `steps` steps commits masked positions / steps left, ordered by
+    `alg`: 'entropy' (lowest entropy first), 'margin' (top-1 minus top-2 probability),
+    'confidence' or 'random'."""
+    _check_positive("steps", steps)
+    _check_positive("block_length", block_length)
+    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
+    rule = Unmask(select=select.ScheduledCount("linear"), score=scores.by_name(alg),
+                  proposal=proposal, transforms=chain, steps=steps, block_length=block_length)
+    return Sampler("dream", rule, Stop(stop_at_eos, eos_fill))
+
+
+def fast_dllm(threshold: float = 0.9, factor: float | None = None,
+              block_length: int | None = None, temperature: float = 0.0, top_k: int = 0,
+              top_p: float = 1.0, gumbel_dtype: str | None = None, stop_at_eos: bool = False,
+              eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
+    """Fast-dLLM parallel decoding: commit every masked position whose confidence exceeds
+    `threshold` (and always the most confident one), or with `factor` the factor rule;
+    optionally within semi-autoregressive blocks."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must lie in (0, 1]")
+    if factor is not None and factor <= 0:
+        raise ValueError(f"factor={factor} must be > 0 (or None for the threshold rule)")
+    _check_positive("block_length", block_length)
+    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
+    rule_select = select.Threshold(threshold) if factor is None else select.Factor(factor)
+    rule = Unmask(select=rule_select, score=scores.Probability(), proposal=proposal,
+                  transforms=chain, block_length=block_length)
+    return Sampler("fast_dllm", rule, Stop(stop_at_eos, eos_fill))
+
+
+def ar(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+       gumbel_dtype: str | None = None, stop_at_eos: bool = False, eos_fill: str = "eos",
+       suppress_eos: bool = False) -> Sampler:
+    """Autoregressive decoding with the KV cache: ancestral at temperature 1, greedy at 0."""
+    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
+    return Sampler("ar", NextToken(proposal=proposal, transforms=chain),
+                   Stop(stop_at_eos, eos_fill))
+
+
+SAMPLERS = {
+    "mdlm": mdlm,
+    "ddpm_cache": functools.partial(mdlm, cache_logits=True),
+    "first_hitting": first_hitting,
+    "llada": llada,
+    "dream": dream,
+    "fast_dllm": fast_dllm,
+    "ar": ar,
+}
+AUTOREGRESSIVE = ("ar",)  # the recipes that need a causal network; the others a denoiser
+
+
+def options(name: str) -> dict:
+    """{option: default} of the recipe called `name`."""
+    return {p.name: p.default for p in inspect.signature(_recipe(name)).parameters.values()}
+
+
+def get_sampler(name: str, **overrides) -> Sampler:
+    """The recipe called `name` with `overrides` of its options.
+
+    Raises ValueError for an unknown name or option (listing the known ones) or a bad value.
+    """
+    recipe = _recipe(name)
+    allowed = options(name)
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(allowed)}")
+    return dataclasses.replace(recipe(**overrides), name=name)
+
+
+def _recipe(name: str):
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

@@ -1,0 +1,82 @@
+"""The sampler loop's state and its result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class SamplerState:
+    """Everything the sampler loop carries from one step to the next.
+
+    A position is *open* while it holds the mask id and is not known; known positions
+    (prompt, infilling context) never change.
+    """
+
+    tokens_BL: jax.Array  # int32 [B, L]
+    known_BL: jax.Array  # bool [B, L]: conditioning positions
+    t_B: jax.Array  # float32 [B]: current diffusion time (1: all open, 0: done)
+    step: jax.Array  # int32 []: steps taken
+    nfe: jax.Array  # int32 []: network calls made for the batch
+    nfe_B: jax.Array  # int32 [B]: network calls made while each sample was running
+    done_B: jax.Array  # bool [B]
+    rng: jax.Array  # key; step k draws from fold_in(rng, k)
+    confidence_BL: jax.Array  # float32 [B, L]: the score a token was committed with (NaN: none)
+    commit_step_BL: jax.Array  # int32 [B, L]: the step a token was committed at (-1: not)
+    cache: Any = None  # the step rule's own carry: cached logits, a KV cache, ...
+
+    def open_BL(self, mask_id: int) -> jax.Array:
+        """bool [B, L]: positions still to generate."""
+        return (self.tokens_BL == mask_id) & ~self.known_BL
+
+    def committed(self, commit_BL: jax.Array, new_tokens_BL: jax.Array,
+                  confidence_BL: jax.Array) -> SamplerState:
+        """The state with `new_tokens_BL` written where `commit_BL`, and the statistics."""
+        return self.replace(
+            tokens_BL=jnp.where(commit_BL, new_tokens_BL, self.tokens_BL),
+            confidence_BL=jnp.where(commit_BL, confidence_BL, self.confidence_BL),
+            commit_step_BL=jnp.where(commit_BL, self.step, self.commit_step_BL),
+        )
+
+
+def initial_state(tokens_BL: jax.Array, known_BL: jax.Array, rng: jax.Array,
+                  mask_id: int) -> SamplerState:
+    """Open positions are set to the mask id; nothing is committed yet."""
+    batch, length = tokens_BL.shape
+    known_BL = known_BL.astype(bool)
+    return SamplerState(
+        tokens_BL=jnp.where(known_BL, tokens_BL, mask_id).astype(jnp.int32),
+        known_BL=known_BL,
+        t_B=jnp.ones((batch,), jnp.float32),
+        step=jnp.zeros((), jnp.int32),
+        nfe=jnp.zeros((), jnp.int32),
+        nfe_B=jnp.zeros((batch,), jnp.int32),
+        done_B=jnp.zeros((batch,), bool),
+        rng=rng,
+        confidence_BL=jnp.full((batch, length), jnp.nan, jnp.float32),
+        commit_step_BL=jnp.full((batch, length), -1, jnp.int32),
+    )
+
+
+@struct.dataclass
+class SampleOutput:
+    """What a sampler returns (the final state without its carry)."""
+
+    tokens_BL: jax.Array  # int32 [B, L]: the whole sequences, conditioning included
+    known_BL: jax.Array  # bool [B, L]
+    nfe: jax.Array  # int32 []: network calls for the batch
+    nfe_B: jax.Array  # int32 [B]: network calls while each sample was running
+    steps: jax.Array  # int32 []: loop iterations
+    done_B: jax.Array  # bool [B]: finished (no open position left)
+    confidence_BL: jax.Array  # float32 [B, L]
+    commit_step_BL: jax.Array  # int32 [B, L]
+
+    @classmethod
+    def from_state(cls, state: SamplerState) -> SampleOutput:
+        return cls(tokens_BL=state.tokens_BL, known_BL=state.known_BL, nfe=state.nfe,
+                   nfe_B=state.nfe_B, steps=state.step, done_B=state.done_B,
+                   confidence_BL=state.confidence_BL, commit_step_BL=state.commit_step_BL)

@@ -1,0 +1,151 @@
+"""The masked-diffusion step rule: denoise, propose a token everywhere, commit some positions.
+
+One step: call the denoiser on x_t (or reuse its last logits when nothing changed), transform
+the logits, propose a token at every position, score the positions, and let the select
+policy commit some open positions of the current scope (the whole sequence, or the first
+block with open positions in semi-autoregressive decoding). MDLM, first hitting, LLaDA, Dream
+and Fast-dLLM are all this rule with different policies (see `recipes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dlm.sampling import categorical, scores, select, transforms
+from dlm.sampling.state import SamplerState
+
+
+@dataclasses.dataclass(frozen=True)
+class Unmask:
+    """A masked-diffusion step rule.
+
+    Attributes:
+      select: which eligible positions to commit (see `select`).
+      score: how positions are ranked (see `scores`).
+      proposal: Categorical or Greedy (see `categorical`).
+      transforms: logits transforms applied before proposing and scoring.
+      steps: the schedule's number of steps; None: the sequence length. With blocks they are
+        shared evenly between blocks.
+      time: a time plan (`times.GridTime`, `times.FirstHitting`) that sets t and the reveal
+        probability; None: t is the fraction of generable positions still open.
+      block_length: semi-autoregressive blocks (counted from each row's first generable
+        position), decoded left to right; None: no blocks.
+      final_greedy: one extra last step that commits every open position by argmax (MDLM's
+        noise removal).
+      cache_logits: reuse the last logits while no token changed (MDLM's ddpm_cache); only
+        takes effect for networks that are not time-conditioned.
+    """
+
+    select: Any = select.ScheduledCount()
+    score: Any = scores.Probability()
+    proposal: Any = categorical.Categorical()
+    transforms: tuple = ()
+    steps: int | None = None
+    time: Any = None
+    block_length: int | None = None
+    final_greedy: bool = False
+    cache_logits: bool = False
+
+    uses_prefix: ClassVar[bool] = False
+
+    def schedule_steps(self, length: int) -> int:
+        return self.steps or length
+
+    def max_steps(self, length: int, prefix_len: int = 0) -> int:
+        del prefix_len
+        steps = self.schedule_steps(length)
+        if self.block_length:
+            steps = max(steps, -(-length // self.block_length))  # at least one per block
+        return steps + int(self.final_greedy)
+
+    def init(self, network, params, state: SamplerState, prefix_len: int) -> SamplerState:
+        if not self._caches(network):
+            return state
+        logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)
+        no_call_yet_BL = jnp.full_like(state.tokens_BL, -1)
+        return state.replace(cache=(jnp.zeros(logits.shape, logits.dtype), no_call_yet_BL))
+
+    def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
+        vocab = network.vocab
+        length = state.tokens_BL.shape[1]
+        time_key, proposal_key, score_key, select_key = jax.random.split(key, 4)
+        open_BL = state.open_BL(vocab.mask_id)
+        logits_BLV, state = self._logits(network, params, state)
+        log_probs_BLV = transforms.log_probs(logits_BLV, self.transforms, vocab)
+        proposed_BL = self.proposal(log_probs_BLV, proposal_key)
+        if self.final_greedy:
+            is_last = state.step == self.max_steps(length) - 1
+            proposed_BL = jnp.where(is_last, jnp.argmax(log_probs_BLV, -1), proposed_BL)
+        scores_BL = self.score(log_probs_BLV, proposed_BL, score_key)
+
+        candidates = _scope(state, open_BL, scores_BL, self.block_length,
+                            self.schedule_steps(length))
+        next_t_B = None
+        if self.time is not None:
+            num_open_B = jnp.sum(open_BL, axis=-1)
+            next_t_B = self.time.next_time(state.t_B, state.step, num_open_B, network.schedule,
+                                           self.schedule_steps(length), time_key)
+            mask_prob_t_B = network.schedule.mask_prob(state.t_B)
+            reveal_prob_B = 1.0 - network.schedule.mask_prob(next_t_B) / mask_prob_t_B
+            candidates = candidates.replace(reveal_prob_B=reveal_prob_B)
+        commit_BL = self.select(candidates, select_key)
+
+        confidence_BL = scores.Probability()(log_probs_BLV, proposed_BL, None)
+        state = state.committed(commit_BL, proposed_BL, confidence_BL)
+        if next_t_B is None:
+            generable_B = jnp.maximum(jnp.sum(~state.known_BL, axis=-1), 1)
+            next_t_B = jnp.sum(state.open_BL(vocab.mask_id), axis=-1) / generable_B
+        return state.replace(t_B=next_t_B.astype(jnp.float32))
+
+    def _caches(self, network) -> bool:
+        return self.cache_logits and not network.time_conditioned
+
+    def _logits(self, network, params, state: SamplerState):
+        """(logits_BLV, state with nfe and cache updated)."""
+        def call():
+            return network.apply_fn(params, state.tokens_BL, state.t_B).astype(jnp.float32)
+
+        if not self._caches(network):
+            return call(), state.replace(nfe=state.nfe + 1)
+        cached_logits_BLV, cached_tokens_BL = state.cache
+        stale = jnp.any(cached_tokens_BL != state.tokens_BL)
+        logits_BLV = lax.cond(stale, call, lambda: cached_logits_BLV)
+        return logits_BLV, state.replace(nfe=state.nfe + stale.astype(jnp.int32),
+                                         cache=(logits_BLV, state.tokens_BL))
+
+
+def _scope(state: SamplerState, open_BL, scores_BL, block_length: int | None,
+           steps: int) -> select.Candidates:
+    """Candidates restricted to each row's current scope: all open positions, or those of
+    the first block that still has one."""
+    batch, length = open_BL.shape
+    generable_BL = ~state.known_BL
+    no_reveal_B = jnp.zeros((batch,), jnp.float32)
+    if block_length is None:
+        return select.Candidates(
+            scores_BL=scores_BL, eligible_BL=open_BL,
+            step_in_scope_B=jnp.full((batch,), state.step, jnp.int32),
+            scope_steps_B=jnp.full((batch,), steps, jnp.int32),
+            scope_size_B=jnp.sum(generable_BL, axis=-1, dtype=jnp.int32),
+            reveal_prob_B=no_reveal_B)
+    pos_L = jnp.arange(length)
+    start_B = jnp.argmax(generable_BL, axis=-1)
+    block_BL = (pos_L - start_B[:, None]) // block_length
+    active_B = jnp.min(jnp.where(open_BL, block_BL, length), axis=-1)
+    in_block_BL = block_BL == active_B[:, None]
+    num_blocks_B = jnp.max(jnp.where(generable_BL, block_BL, -1), axis=-1) + 1
+    block_steps_B = jnp.maximum(steps // jnp.maximum(num_blocks_B, 1), 1)
+    # The block started the step after the last commit in an earlier block.
+    before_BL = generable_BL & (block_BL < active_B[:, None])
+    start_step_B = jnp.max(jnp.where(before_BL, state.commit_step_BL, -1), axis=-1) + 1
+    return select.Candidates(
+        scores_BL=scores_BL, eligible_BL=open_BL & in_block_BL,
+        step_in_scope_B=(state.step - start_step_B).astype(jnp.int32),
+        scope_steps_B=block_steps_B.astype(jnp.int32),
+        scope_size_B=jnp.sum(generable_BL & in_block_BL, axis=-1, dtype=jnp.int32),
+        reveal_prob_B=no_reveal_B)

@@ -1,0 +1,131 @@
+"""experiments/sample.py on tiny saved runs: the JSON lines, the summary and the errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import ar as ar_config
+from configs import mdlm as mdlm_config
+from dlm.data.tokenizers import CharTokenizer
+from dlm.diffusion import make_process
+from dlm.models import build_model
+from dlm.training import checkpoint, experiment, mesh, optimizer
+from experiments import sample
+
+SEQ_LEN = 16
+
+
+def _save_run(workdir, config_module, text):
+    """A run as training leaves it (config, tokenizer, one checkpoint), of a tiny network."""
+    config = config_module.get_config("micro")
+    config.model.update(hidden=32, layers=2, heads=2, kv_heads=2)
+    config.data.seq_len = SEQ_LEN
+    tokenizer = CharTokenizer.from_text(text)
+    config.model.vocab_size = tokenizer.vocab_size
+    workdir.mkdir(parents=True)
+    (workdir / experiment.CONFIG_FILE).write_text(config.to_json_best_effort())
+    tokenizer.save(workdir / experiment.TOKENIZER_DIR)
+    module = build_model(config.model, tokenizer.vocab_size)
+    skeleton = experiment.Experiment(
+        config, None, module, make_process(config, vocab_size=tokenizer.vocab_size),
+        mesh.make_mesh(), optimizer.make_optimizer(config.optimizer, config.total_steps))
+    saver = checkpoint.Checkpointer(workdir, keep=1, asynchronous=False)
+    saver.save(0, skeleton.init_state(), None)
+    saver.close()
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    text = "abcdefgh \n"
+    return {
+        "mdlm": _save_run(root / "mdlm", mdlm_config, text),
+        "ar": _save_run(root / "ar", ar_config, text),
+        "ar_other_tokenizer": _save_run(root / "ar2", ar_config, "xyz"),
+    }
+
+
+def test_writes_one_record_per_sample_and_a_summary(runs, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    # 9 samples in batches of 8, each split over the 8 test devices; the last one trimmed.
+    summary = sample.sample_to_file(runs["mdlm"], "fast_dllm", str(out), num_samples=9,
+                                    length=12, prompt="abc", batch_size=8,
+                                    judge_workdir=runs["ar"],
+                                    overrides={"threshold": 0.5, "block_length": 4})
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 9
+    for record in records:
+        assert set(record) == {"text", "tokens", "prompt_tokens", "nfe", "seconds"}
+        assert len(record["tokens"]) == 12 and record["tokens"][:3] == record["prompt_tokens"]
+        assert record["text"].startswith("abc") and "[MASK]" not in record["text"]
+        assert 1 <= record["nfe"] <= 9
+    assert summary["sampler"] == "fast_dllm" and summary["num_samples"] == 9
+    for key in ("tokens_per_second", "mean_nfe", "entropy", "gen_ppl", "compile_seconds"):
+        assert np.isfinite(summary[key]) and summary[key] >= 0, key
+
+
+def test_autoregressive_run_starts_from_bos(runs, tmp_path):
+    out = tmp_path / "ar.jsonl"
+    summary = sample.sample_to_file(runs["ar"], "ar", str(out), num_samples=2, length=8,
+                                    batch_size=2, overrides={"temperature": 0.0})
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["prompt_tokens"] == [CharTokenizer.from_text("abcdefgh \n").bos_id]
+    assert record["nfe"] == summary["mean_nfe"] == 7
+
+
+def test_clear_errors(runs, tmp_path):
+    out = str(tmp_path / "x.jsonl")
+    with pytest.raises(ValueError, match="unknown sampler 'mdlmm'; known samplers: mdlm, "):
+        sample.sample_to_file(runs["mdlm"], "mdlmm", out, num_samples=1)
+    with pytest.raises(ValueError, match="the prompt is 20 tokens long, more than --length=8"):
+        sample.sample_to_file(runs["mdlm"], "mdlm", out, num_samples=1, length=8,
+                              prompt="a" * 20)
+    with pytest.raises(ValueError, match="uses another tokenizer"):
+        sample.sample_to_file(runs["mdlm"], "mdlm", out, num_samples=1,
+                              judge_workdir=runs["ar_other_tokenizer"])
+    with pytest.raises(ValueError, match="cannot sample an autoregressive run"):
+        sample.sample_to_file(runs["ar"], "mdlm", out, num_samples=1)
+    with pytest.raises(ValueError, match="has no steps option"):
+        sample.sample_to_file(runs["ar"], "ar", out, num_samples=1, steps=4)
+    with pytest.raises(ValueError, match="has no option 'treshold'"):
+        sample.sample_to_file(runs["mdlm"], "fast_dllm", out, num_samples=1,
+                              overrides={"treshold": 0.5})
+
+
+def test_sampler_config_flags():
+    argv, overrides = sample.parse_flags([
+        "sample", "--workdir=w", "--out=o", "--sampler_config.threshold=0.8",
+        "--sampler_config.stop_at_eos=true", "--sampler_config.block_length=None",
+        "--sampler_config.remasking=random"])
+    assert argv == ["sample"]
+    assert overrides == {"threshold": 0.8, "stop_at_eos": True, "block_length": None,
+                         "remasking": "random"}
+
+
+def test_command_line(runs, tmp_path):
+    out = tmp_path / "cli.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.sample", f"--workdir={runs['mdlm']}",
+         "--sampler=llada", "--num_samples=2", "--length=10", "--steps=5", "--prompt=ab",
+         "--sampler_config.block_length=5", f"--out={out}"],
+        capture_output=True, text=True, check=False, timeout=120,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["sampler"] == "llada" and summary["mean_nfe"] <= 5
+    assert len(out.read_text().splitlines()) == 2
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.sample", f"--workdir={runs['mdlm']}",
+         "--sampler=nope", f"--out={out}"], capture_output=True, text=True, check=False,
+        timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+    assert bad.returncode != 0 and "known samplers: mdlm" in bad.stderr
+
+
+def test_print_samples(runs, capsys):
+    texts = sample.print_samples(runs["mdlm"], "mdlm", num_samples=2, length=8, steps=4)
+    assert len(texts) == 2
+    assert "sample 1" in capsys.readouterr().out
