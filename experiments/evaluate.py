@@ -8,8 +8,7 @@ import json
 
 from absl import app, flags
 
-from dlm.training import checkpoint as checkpoint_lib
-from dlm.training import experiment, trainer
+from dlm.training import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to score (default: config.eval.split).")
@@ -19,27 +18,11 @@ _NUM_BATCHES = flags.DEFINE_integer("num_batches", None,
 flags.mark_flags_as_required(["workdir"])
 
 
-def evaluate(workdir: str, split: str | None = None, checkpoint_step: int | None = None,
-             num_batches: int | None = None) -> dict:
-    """Returns the likelihood metrics of the run in `workdir` (plus `step` and `split`)."""
-    exp = experiment.build(experiment.load_config(workdir))
-    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=exp.config.keep_checkpoints)
-    step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
-    if step is None or step not in checkpointer.all_steps():
-        raise FileNotFoundError(f"no checkpoint {step} in {checkpointer.directory}; "
-                                f"available: {checkpointer.all_steps()}")
-    state = checkpointer.restore(step, checkpoint_lib.abstract_like(exp.init_state()))
-    checkpointer.close()
-    split = split or exp.config.eval.split
-    metrics = trainer.evaluate_params(exp, state.eval_params(exp.config.eval.use_ema),
-                                      split=split, num_batches=num_batches)
-    return {"step": step, "split": split, **metrics}
-
-
 def main(argv):
     del argv
-    print(json.dumps(evaluate(_WORKDIR.value, _SPLIT.value, _STEP.value, _NUM_BATCHES.value),
-                     sort_keys=True))
+    metrics = trainer.evaluate_workdir(_WORKDIR.value, _SPLIT.value, _STEP.value,
+                                       _NUM_BATCHES.value)
+    print(json.dumps(metrics, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from dlm.training import checkpoint as checkpoint_lib
 from dlm.training import experiment, trainer
 from dlm.training import mesh as mesh_lib
 from dlm.training.step import make_train_step
-from experiments import evaluate as evaluate_entry
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +155,7 @@ def test_half_written_checkpoint_is_ignored(data_dir, tmp_path):
 def test_evaluate_entry_point_reproduces_the_trainers_numbers(data_dir, tmp_path):
     config = small_config(data_dir, total_steps=4, eval_every=4)
     final = trainer.train(config, tmp_path / "run")
-    scored = evaluate_entry.evaluate(str(tmp_path / "run"))
+    scored = trainer.evaluate_workdir(tmp_path / "run")
     assert scored["step"] == 4 and scored["split"] == "validation"
     for key in ("eval/nll_nats_per_token", "eval/bits_per_token", "eval/ppl", "eval/nll_stderr"):
         np.testing.assert_allclose(scored[key], final[key], rtol=1e-6)
