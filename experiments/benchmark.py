@@ -5,7 +5,11 @@ Suites:
               float32 matmul peak, and peak resident memory, for MDLM and AR at
               `--sizes` (each run in its own process, so its peak memory is its own);
   bpc         validation bits per character on Tiny Shakespeare, micro MDLM vs micro AR
-              after the same number of steps, with the wall time of each.
+              after the same number of steps, with the wall time of each;
+  sampling    per sampler (micro MDLM and micro AR checkpoints, trained here or reused with
+              `--sampling_workdir_*`): network calls, tokens/s at batch 1 and 16, generative
+              perplexity under the AR run, entropy and compile time, per generated length;
+              the engine's per-step overhead over a bare loop of forward passes.
 
 Each suite replaces its own section of the file and leaves the others alone; every
 section records the command, the machine and the date. Figures are medians.
@@ -28,13 +32,41 @@ import time
 import numpy as np
 from absl import app, flags
 
-_SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"], "Suites to run.")
+_SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
+                            "Suites to run: throughput, bpc, sampling.")
 _SIZES = flags.DEFINE_list("sizes", ["micro", "tiny"], "Model sizes for `throughput`.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch for `throughput`.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Sequence length for `throughput`.")
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per throughput run.")
 _BPC_STEPS = flags.DEFINE_integer("bpc_steps", 1000, "Training steps for `bpc`.")
 _BPC_SEQ_LEN = flags.DEFINE_integer("bpc_seq_len", 256, "Sequence length for `bpc`.")
+_SAMPLING_STEPS = flags.DEFINE_integer(
+    "sampling_steps", 1000, "Training steps of the micro runs `sampling` trains itself.")
+_SAMPLING_WORKDIR_MDLM = flags.DEFINE_string(
+    "sampling_workdir_mdlm", None,
+    "Micro MDLM run for `sampling`: reused if it has a checkpoint, else trained there "
+    "(unset: trained in a temporary directory).")
+_SAMPLING_WORKDIR_AR = flags.DEFINE_string(
+    "sampling_workdir_ar", None, "Micro AR run for `sampling` (and its judge); as above.")
+_SAMPLING_LENGTHS = flags.DEFINE_list("sampling_lengths", ["128", "512"],
+                                      "Generated lengths for `sampling`.")
+_SAMPLING_BATCHES = flags.DEFINE_list("sampling_batches", ["1", "16"],
+                                      "Sampling batch sizes for `sampling`.")
+_SAMPLING_NUM_SAMPLES = flags.DEFINE_integer(
+    "sampling_num_samples", 16, "Samples per `sampling` row at batch sizes above 1.")
+_SAMPLING_NUM_SAMPLES_B1 = flags.DEFINE_integer(
+    "sampling_num_samples_b1", 4, "Samples per `sampling` row at batch size 1.")
+_SAMPLING_MDLM_STEPS = flags.DEFINE_list("sampling_mdlm_steps", ["64", "128", "256", "512"],
+                                         "Step counts of the `mdlm` rows.")
+_SAMPLING_THRESHOLDS = flags.DEFINE_list("sampling_thresholds", ["0.7", "0.8", "0.9", "0.95"],
+                                         "Confidence thresholds of the `fast_dllm` rows.")
+_SAMPLING_LONG_ROWS = flags.DEFINE_list(
+    "sampling_long_rows", ["ar", "mdlm@64", "mdlm@128", "fast_dllm@0.9"],
+    "Rows (labels as in the table, or 'all') run at lengths above the runs' training length.")
+_SAMPLING_OVERHEAD_STEPS = flags.DEFINE_integer(
+    "sampling_overhead_steps", 64, "`mdlm` steps timed against bare forward passes.")
+_SAMPLING_REPEATS = flags.DEFINE_integer("sampling_repeats", 5,
+                                         "Timed runs per overhead measurement (median).")
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "File whose sections are rewritten.")
 # Internal: one throughput measurement in a fresh process, printed as JSON.
 _ONE = flags.DEFINE_string("one", None, "Internal: 'method:size' to measure and print.")
@@ -211,6 +243,217 @@ def bpc_section(command: str) -> str:
     return "\n".join(lines)
 
 
+# --- sampling -------------------------------------------------------------------------------
+
+def _has_checkpoint(workdir: pathlib.Path) -> bool:
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _sampling_workdir(method: str, flag_value: str | None, tmp: str) -> tuple[pathlib.Path, str]:
+    """The run's workdir (trained there unless it already has a checkpoint) and a note."""
+    workdir = pathlib.Path(flag_value).expanduser() if flag_value else pathlib.Path(tmp) / method
+    if _has_checkpoint(workdir):
+        return workdir, f"reused `{workdir}`"
+    steps = _SAMPLING_STEPS.value
+    command = [sys.executable, "-m", "experiments.train", f"--config=configs/{method}.py:micro",
+               f"--workdir={workdir}", f"--config.total_steps={steps}",
+               f"--config.eval_every={steps}", f"--config.checkpoint_every={steps}",
+               "--config.data.seq_len=128"]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return workdir, f"trained here for {steps} steps in {time.perf_counter() - start:.0f} s"
+
+
+def _sampling_rows(long: bool) -> list[tuple[str, str, dict]]:
+    """(label, sampler name, options) of every row; at lengths past training, the chosen few."""
+    mdlm_steps = [int(s) for s in _SAMPLING_MDLM_STEPS.value]
+    rows = [(f"mdlm@{s}", "mdlm", {"steps": s}) for s in mdlm_steps]
+    rows.append((f"ddpm_cache@{max(mdlm_steps)}", "ddpm_cache", {"steps": max(mdlm_steps)}))
+    rows += [("first_hitting", "first_hitting", {}), ("llada", "llada", {}),
+             ("dream", "dream", {})]
+    rows += [(f"fast_dllm@{t}", "fast_dllm", {"threshold": float(t)})
+             for t in _SAMPLING_THRESHOLDS.value]
+    rows.append(("ar", "ar", {}))
+    chosen = set(_SAMPLING_LONG_ROWS.value)
+    if long and "all" not in chosen:
+        rows = [row for row in rows if row[0] in chosen]
+    return rows
+
+
+def _bare_forward_loop(apply_fn, calls: int):
+    """A jitted loop of `calls` bare forward passes; each feeds its argmax to the next, so
+    none can be hoisted out of the loop."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def loop(params, tokens_BL, t_B):
+        def body(_, tokens_BL):
+            return jnp.argmax(apply_fn(params, tokens_BL, t_B), -1).astype(tokens_BL.dtype)
+
+        return lax.fori_loop(0, calls, body, tokens_BL)
+
+    return jax.jit(loop)
+
+
+def _median_seconds(fn, *args) -> float:
+    import jax
+
+    times = []
+    for _ in range(_SAMPLING_REPEATS.value):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _overhead(run, batch: int, length: int) -> dict:
+    """Median seconds of `mdlm` with S steps against the same number of bare forward passes."""
+    import jax
+    import jax.numpy as jnp
+
+    from dlm import sampling
+    from dlm.sampling import engine
+
+    sampler = sampling.get_sampler("mdlm", steps=_SAMPLING_OVERHEAD_STEPS.value)
+    tokens_BL, known_BL, _ = engine.prefix_inputs(None, batch, length, run.network.vocab.mask_id)
+    tokens_BL, known_BL = jnp.asarray(tokens_BL), jnp.asarray(known_BL)
+    rng = jax.random.PRNGKey(0)
+    sample_fn = engine.compile_run(sampler, run.network, run.params, tokens_BL, known_BL, rng)
+    calls = int(np.max(jax.device_get(sample_fn(run.params, tokens_BL, known_BL, rng).nfe_B)))
+    t_B = jnp.ones((batch,), jnp.float32)
+    bare_fn = _bare_forward_loop(run.network.apply_fn, calls).lower(
+        run.params, tokens_BL, t_B).compile()
+    jax.block_until_ready(bare_fn(run.params, tokens_BL, t_B))
+    bare = _median_seconds(bare_fn, run.params, tokens_BL, t_B)
+    engine_seconds = _median_seconds(sample_fn, run.params, tokens_BL, known_BL, rng)
+    return {"batch": batch, "length": length, "calls": calls, "bare": bare,
+            "engine": engine_seconds, "overhead": engine_seconds / bare - 1}
+
+
+def _frontier_paragraph(results: list[dict], mdlm_step: int, ar_step: int,
+                        backend: str) -> str:
+    """What the measured rows say about diffusion against AR, per length and batch."""
+    sentences = [
+        f"Checkpoints: micro MDLM after {mdlm_step} steps, micro AR after {ar_step} steps, "
+        f"both trained at 128 characters; measured on this machine's "
+        f"{'CPU' if backend == 'cpu' else backend.upper()}. 'Comparable quality' below means "
+        "a generative perplexity at most 1.5x the AR samples' and a unigram entropy at least "
+        "0.9x theirs (the AR judge scores its own samples, which favours AR)."]
+    for length in sorted({r["length"] for r in results}):
+        for batch in sorted({r["batch"] for r in results}):
+            cell = [r for r in results if r["length"] == length and r["batch"] == batch]
+            ar = next((r for r in cell if r["label"] == "ar"), None)
+            if ar is None:
+                continue
+            diffusion = [r for r in cell if r["label"] != "ar"]
+            faster = [r for r in diffusion if r["tokens_per_second"] > ar["tokens_per_second"]]
+            comparable = [r for r in faster
+                          if r["gen_ppl"] <= 1.5 * ar["gen_ppl"]
+                          and r["entropy"] >= 0.9 * ar["entropy"]]
+            head = (f"At {length} tokens, batch {batch}: AR {ar['tokens_per_second']:,.0f} "
+                    f"tokens/s, gen ppl {ar['gen_ppl']:.2f}, entropy {ar['entropy']:.2f}. ")
+            if not faster:
+                best = max(diffusion, key=lambda r: r["tokens_per_second"], default=None)
+                tail = ("no diffusion sampler is faster" + (
+                    f" (the fastest, {best['label']}, reaches {best['tokens_per_second']:,.0f} "
+                    f"tokens/s)" if best else "") + ".")
+            else:
+                listed = ", ".join(f"{r['label']} ({r['tokens_per_second']:,.0f} tokens/s, "
+                                   f"ppl {r['gen_ppl']:.2f}, entropy {r['entropy']:.2f})"
+                                   for r in sorted(faster, key=lambda r: -r["tokens_per_second"]))
+                tail = f"faster than AR: {listed}; "
+                tail += (f"of these, at comparable quality: "
+                         f"{', '.join(r['label'] for r in comparable)}." if comparable else
+                         "none of them at comparable quality.")
+            sentences.append(head + tail[0].upper() + tail[1:])
+    return " ".join(sentences)
+
+
+def sampling_section(command: str) -> str:
+    import jax
+
+    from dlm import sampling
+    from dlm.sampling import drawing, loading
+
+    start_all = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        mdlm_dir, mdlm_note = _sampling_workdir("mdlm", _SAMPLING_WORKDIR_MDLM.value, tmp)
+        ar_dir, ar_note = _sampling_workdir("ar", _SAMPLING_WORKDIR_AR.value, tmp)
+        mdlm_run, ar_run = loading.load_run(mdlm_dir), loading.load_run(ar_dir)
+    train_len = int(mdlm_run.config.data.seq_len)
+    results, table = [], []
+    for length in (int(x) for x in _SAMPLING_LENGTHS.value):
+        for batch in (int(x) for x in _SAMPLING_BATCHES.value):
+            num_samples = (_SAMPLING_NUM_SAMPLES_B1.value if batch == 1
+                           else _SAMPLING_NUM_SAMPLES.value)
+            for label, name, options in _sampling_rows(long=length > train_len):
+                run = ar_run if name in sampling.AUTOREGRESSIVE else mdlm_run
+                _, summary = drawing.draw(run, sampling.get_sampler(name, **options),
+                                          num_samples=num_samples, length=length,
+                                          batch_size=batch, judge=ar_run)
+                results.append({"label": label, "length": length, "batch": batch, **summary})
+                table.append(
+                    f"| {length} | {batch} | {label} | {summary['mean_nfe']:.1f} | "
+                    f"{summary['tokens_per_second']:,.0f} | {summary['gen_ppl']:.2f} | "
+                    f"{summary['entropy']:.2f} | {summary['compile_seconds']:.1f} |")
+                print(table[-1], flush=True)
+    overheads = [_overhead(mdlm_run, batch, train_len)
+                 for batch in (int(x) for x in _SAMPLING_BATCHES.value)]
+    overhead_rows = [
+        f"| {o['batch']} | {o['length']} | {o['calls']} | {o['bare']:.3f} | {o['engine']:.3f} | "
+        f"{100 * o['overhead']:+.1f}% |" for o in overheads]
+    long_lengths = [x for x in _SAMPLING_LENGTHS.value if int(x) > train_len]
+    long_note = (f" Lengths above {train_len} ({', '.join(long_lengths)}) are outside both "
+                 "runs' training length: the MDLM denoiser has never seen such sequences, so "
+                 "its quality there is out of distribution (the AR model extrapolates through "
+                 f"RoPE, also untrained there; the judge scores {train_len}-token windows); "
+                 f"only these rows run there: {', '.join(_SAMPLING_LONG_ROWS.value)}."
+                 if long_lengths else "")
+    return "\n".join([
+        "## Sampling: speed and quality per sampler",
+        "",
+        _provenance(command),
+        "",
+        f"Micro MDLM (`{mdlm_dir}`, {mdlm_note}; checkpoint step {mdlm_run.step}) and micro AR "
+        f"(`{ar_dir}`, {ar_note}; checkpoint step {ar_run.step}), Tiny Shakespeare "
+        f"characters, trained at {train_len} tokens, EMA weights. Unconditional samples "
+        f"({_SAMPLING_NUM_SAMPLES.value} per row at batch > 1, "
+        f"{_SAMPLING_NUM_SAMPLES_B1.value} at batch 1; AR starts from BOS, so it generates "
+        "length - 1 tokens). NFE: network calls per sample (AR: one cached one-token decode "
+        "each, far cheaper than a full denoiser call). tokens/s: generated tokens over "
+        "sampling wall time, compilation excluded (timed apart). Gen ppl: perplexity of the "
+        "samples under the micro AR run (lower is better, but greedy samplers buy it with "
+        "repetition); entropy: mean per-sample unigram entropy in nats (low: repetitive). "
+        "Samplers at their defaults: mdlm@S is S steps on a uniform "
+        "time grid and a last argmax call when masks remain (at most S + 1 calls); "
+        "ddpm_cache skips calls when nothing changed; llada (greedy, blocks of 32) and dream "
+        "(temperature 0.2) take one step per position; fast_dllm@T is greedy with "
+        "confidence threshold T; ar at temperature 1." + long_note,
+        "",
+        "| length | batch | sampler | NFE | tokens/s | gen ppl | entropy (nats) | compile s |",
+        "|---|---|---|---|---|---|---|---|",
+        *table,
+        "",
+        f"Engine overhead: `mdlm` with {_SAMPLING_OVERHEAD_STEPS.value} steps (its NFE calls) "
+        "against a jitted `lax.fori_loop` of the same number of bare forward passes of the "
+        "same network, params and shapes (each feeding its argmax to the next); median of "
+        f"{_SAMPLING_REPEATS.value} runs after compiling. The overhead is everything else a "
+        "step does: log-softmax, float64 Gumbel noise, selection, commits, stop checks.",
+        "",
+        "| batch | length | forward passes | bare loop s | mdlm s | overhead |",
+        "|---|---|---|---|---|---|",
+        *overhead_rows,
+        "",
+        _frontier_paragraph(results, mdlm_run.step, ar_run.step, jax.default_backend()),
+        "",
+        f"Suite wall time (training included): {time.perf_counter() - start_all:.0f} s.",
+    ])
+
+
 def _provenance(command: str) -> str:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"`{command}` — {machine()} — {date}"
@@ -234,7 +477,8 @@ def main(argv):
         print(json.dumps(measure_one(method, size)))
         return
     command = "python -m experiments.benchmark " + " ".join(sys.argv[1:])
-    suites = {"throughput": throughput_section, "bpc": bpc_section}
+    suites = {"throughput": throughput_section, "bpc": bpc_section,
+              "sampling": sampling_section}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")

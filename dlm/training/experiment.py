@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -14,6 +15,7 @@ from absl import logging
 from dlm import config_validation
 from dlm.data import pipeline, tokenizers
 from dlm.diffusion import process as process_lib
+from dlm.evaluation import likelihood
 from dlm.models import configs as model_configs
 from dlm.training import mesh as mesh_lib
 from dlm.training import optimizer as optimizer_lib
@@ -37,6 +39,12 @@ class Experiment:
     @property
     def tokenizer(self) -> tokenizers.Tokenizer:
         return self.corpus.tokenizer
+
+    @functools.cached_property
+    def nll_fn(self):
+        """The jitted likelihood of one evaluation batch (built once: no recompiles)."""
+        return likelihood.make_nll_fn(self.model, self.process, self.mesh,
+                                      global_batch=self.config.data.eval_batch_size)
 
     def state_sharding(self):
         """How the train state lies on the mesh: replicated, or FSDP (`config.fsdp`)."""

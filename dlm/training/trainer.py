@@ -27,12 +27,10 @@ def evaluate_params(exp: experiment_lib.Experiment, params, *, split: str | None
                     num_batches: int | None = None) -> dict[str, float]:
     """The likelihood metrics of `params` on `split` (default `config.eval.split`)."""
     config = exp.config
-    nll_fn = likelihood.make_nll_fn(exp.model, exp.process, exp.mesh,
-                                    global_batch=config.data.eval_batch_size)
     batches = pipeline.eval_batches(
         config.data, exp.corpus, split or config.eval.split,
         num_batches=config.eval.num_batches if num_batches is None else num_batches)
-    return likelihood.evaluate(nll_fn, params,
+    return likelihood.evaluate(exp.nll_fn, params,
                                (mesh_lib.global_batch(b, exp.mesh) for b in batches),
                                seed=config.eval.seed)
 
