@@ -64,10 +64,9 @@ class Experiment:
         init_rng, state_rng = jax.random.split(rng)
         tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
 
-        # Only the diffusion denoiser takes a time input.
-        inputs = (tokens, jnp.ones((1,))) if config.model.name == "dit" else (tokens,)
 
-        params = self.model.init({"params": init_rng}, *inputs, train=False)["params"]
+        t = jnp.ones((1,), jnp.float32)
+        params = self.model.init({"params": init_rng}, tokens, t, train=False)["params"]
         return TrainState.create(params, self.tx, state_rng,
                                  use_ema=config.optimizer.ema_decay > 0)
 

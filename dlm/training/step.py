@@ -26,8 +26,7 @@ def model_fn(model, params, *, train: bool, dropout_rng: jax.Array | None = None
     rngs = {"dropout": dropout_rng} if train else None
 
     def fn(tokens_BL, t_B=None):
-        args = (tokens_BL,) if t_B is None else (tokens_BL, t_B)
-        return model.apply({"params": params}, *args, train=train, rngs=rngs)
+        return model.apply({"params": params}, tokens_BL, t_B, train=train, rngs=rngs)
 
     return fn
 

@@ -1,0 +1,197 @@
+"""The transformer stack shared by the MDLM denoiser (DiT) and the causal model.
+
+Both are embeddings, N pre-norm blocks (RoPE attention through `attend`, GELU MLP) and an
+output head; they differ in one switch. A *conditioned* stack (the DiT) modulates every
+norm with shift/scale/gate from a conditioning vector (adaLN-zero: the gates start at 0,
+so each block starts as the identity) and ends in an adaLN final layer whose projection
+starts at 0; an unconditioned stack (the causal transformer) has plain pre-norm residual
+blocks and a plain head. The attention mask is data (`config.mask`), so the same stack
+serves full, causal and block masks, and `decode` runs a block of tokens against a KV cache.
+"""
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dlm.models.kv_cache import KVCache
+from dlm.models.layers import (
+    MLP,
+    AdaLNModulation,
+    Dense,
+    LayerCache,
+    LayerNorm,
+    SelfAttention,
+    TimestepEmbedding,
+    embed_init,
+    modulate,
+)
+from dlm.models.masks import MaskSpec, as_mask_spec
+
+
+class Block(nn.Module):
+    """Pre-norm attention + GELU MLP with residuals, adaLN-modulated when `conditioned`.
+
+    Returns (x [B, T, hidden] float32, updated layer cache or None).
+    """
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    attention_impl: str = "xla"
+    conditioned: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        c_BC: jax.Array | None,
+        positions: jax.Array,
+        mask: MaskSpec,
+        *,
+        train: bool = False,
+        q_offset=0,
+        kv_valid_BS: jax.Array | None = None,
+        layer_cache: LayerCache | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        if self.conditioned:
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
+                6, self.hidden, name="adaln")(c_BC)
+        else:
+            shift_a = scale_a = shift_m = scale_m = None
+            gate_a = gate_m = 1.0
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+
+        h = _maybe_modulate(LayerNorm(name="norm1")(x_BTD), shift_a, scale_a)
+        h, new_cache = SelfAttention(self.hidden, self.heads, self.kv_heads, self.dtype,
+                                     self.attention_impl, name="attn")(
+            h, positions, mask, q_offset=q_offset, kv_valid_BS=kv_valid_BS,
+            layer_cache=layer_cache)
+        x_BTD = x_BTD + gate_a * drop(h.astype(jnp.float32))
+        h = _maybe_modulate(LayerNorm(name="norm2")(x_BTD), shift_m, scale_m)
+        h = MLP(self.hidden, self.mlp_ratio, self.dtype, name="mlp")(h)
+        x_BTD = x_BTD + gate_m * drop(h.astype(jnp.float32))
+        return x_BTD, new_cache
+
+
+def _maybe_modulate(x, shift, scale):
+    return x if shift is None else modulate(x, shift, scale)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a zero-initialised projection; returns float32 [B, T, vocab]."""
+
+    hidden: int
+    vocab_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, c_BC: jax.Array) -> jax.Array:
+        shift, scale = AdaLNModulation(2, self.hidden, name="adaln")(c_BC)
+        h = modulate(LayerNorm(name="norm")(x_BTD), shift, scale)
+        return Dense(self.vocab_size, self.dtype, out_dtype=jnp.float32,
+                     kernel_init=nn.initializers.zeros, name="out")(h)
+
+
+class Backbone(nn.Module):
+    """Token embedding, `config.layers` blocks and a head; subclasses set `conditioned`."""
+
+    config: Any
+    vocab_size: int
+
+    conditioned: ClassVar[bool] = False
+
+    def setup(self):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        kv_heads = cfg.get("kv_heads") or cfg.heads
+        self.embed = nn.Embed(self.vocab_size, cfg.hidden, embedding_init=embed_init)
+        self.blocks = [
+            Block(cfg.hidden, cfg.heads, kv_heads, cfg.mlp_ratio, cfg.dropout, dtype,
+                  cfg.attention_impl, conditioned=self.conditioned)
+            for _ in range(cfg.layers)
+        ]
+        if self.conditioned:
+            self.time_embed = TimestepEmbedding(cfg.get("cond_dim", 128))
+            self.final = FinalLayer(cfg.hidden, self.vocab_size, dtype)
+        else:
+            self.norm = LayerNorm()
+            self.head = Dense(self.vocab_size, dtype, out_dtype=jnp.float32)
+
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        t_B: jax.Array | None = None,
+        *,
+        train: bool = False,
+        positions_BL: jax.Array | None = None,
+        mask: MaskSpec | str | None = None,
+    ) -> jax.Array:
+        """Returns logits [B, L, vocab] float32.
+
+        `t_B` (diffusion time) is read only by a time-conditioned DiT; `positions_BL` (RoPE)
+        default to arange(L) (with the bd3lm mask over x_t ⊕ x_0 pass the positions of x_t
+        twice); `mask` overrides `config.mask`.
+        """
+        L = tokens_BL.shape[1]
+        positions = jnp.arange(L) if positions_BL is None else positions_BL
+        logits, _ = self._run(tokens_BL, t_B, positions, mask, train=train)
+        return logits
+
+    def decode(
+        self,
+        tokens_BT: jax.Array,
+        cache: KVCache,
+        t_B: jax.Array | None = None,
+        *,
+        positions_BT: jax.Array | None = None,
+        valid_BT: jax.Array | None = None,
+        mask: MaskSpec | str | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs T >= 1 tokens (a prompt prefill, one step, or a block) against a KV cache.
+
+        The tokens' keys/values are written at slots cache.length + arange(T); queries see the
+        cache through `mask` (default `config.mask`) with q_offset = cache.length (for block
+        masks T must be a multiple of the block size). `positions_BT` (RoPE) default to the
+        slot indices; `valid_BT` (default all True) marks padding that no later query attends
+        to. To score a block without keeping it (block diffusion), drop the returned cache.
+        Returns (logits [B, T, vocab] float32, the cache with T more slots).
+        """
+        T = tokens_BT.shape[1]
+        positions = cache.length + jnp.arange(T) if positions_BT is None else positions_BT
+        valid_BT = jnp.ones(tokens_BT.shape, bool) if valid_BT is None else valid_BT
+        valid_BS = cache.with_new_slots(valid_BT)
+        logits, layers = self._run(tokens_BT, t_B, positions, mask, train=False, cache=cache,
+                                   kv_valid_BS=valid_BS)
+        k, v = zip(*layers)
+        return logits, cache.appended(k, v, valid_BS, T)
+
+    def _condition(self, t_B: jax.Array | None, batch: int) -> jax.Array | None:
+        """The conditioning vector c [B, cond_dim] of a conditioned stack, else None."""
+        if not self.conditioned:
+            return None
+        if self.config.time_conditioning:
+            if t_B is None:
+                raise ValueError("model.time_conditioning is True: the DiT needs t_B")
+        else:
+            t_B = jnp.zeros((batch,), jnp.float32)
+        return nn.silu(self.time_embed(jnp.broadcast_to(t_B, (batch,))))
+
+    def _run(self, tokens_BT, t_B, positions, mask, *, train, cache=None, kv_valid_BS=None):
+        mask = as_mask_spec(self.config.mask if mask is None else mask)
+        c_BC = self._condition(t_B, tokens_BT.shape[0])
+        x_BTD = self.embed(tokens_BT).astype(jnp.float32)
+        q_offset = 0 if cache is None else cache.length
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x_BTD, new_layer = block(x_BTD, c_BC, positions, mask, train=train,
+                                     q_offset=q_offset, kv_valid_BS=kv_valid_BS,
+                                     layer_cache=layer_cache)
+            new_layers.append(new_layer)
+        logits = self.final(x_BTD, c_BC) if self.conditioned else self.head(self.norm(x_BTD))
+        return logits, new_layers
