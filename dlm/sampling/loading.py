@@ -80,15 +80,8 @@ def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = N
     skeleton = experiment.Experiment(
         config=config, corpus=None, model=module, process=process, mesh=mesh,
         tx=optimizer_lib.make_optimizer(config.optimizer, config.total_steps))
-    checkpointer = checkpoint_lib.Checkpointer(files.workdir, keep=config.keep_checkpoints)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.all_steps():
-            raise FileNotFoundError(f"no checkpoint {step} in {checkpointer.directory}; "
-                                    f"available: {checkpointer.all_steps()}")
-        state = checkpointer.restore(step, checkpoint_lib.abstract_like(skeleton.init_state()))
-    finally:
-        checkpointer.close()
+    state, step = checkpoint_lib.restore_from_workdir(
+        files.workdir, checkpoint_lib.abstract_like(skeleton.init_state()), step=step)
     use_ema = config.eval.get("use_ema", True) if use_ema is None else use_ema
     return Run(files.workdir, config, files.tokenizer, module=module, process=process,
                network=networks.from_flax(module, process, files.tokenizer),

@@ -67,6 +67,22 @@ class Checkpointer:
         self._manager.close()
 
 
+def restore_from_workdir(workdir, abstract_state, *, step: int | None = None):
+    """Returns (state, step) of checkpoint `step` (default: the latest) in `workdir`.
+
+    Raises FileNotFoundError naming the available steps when there is no such checkpoint.
+    """
+    checkpointer = Checkpointer(workdir, keep=1_000_000)  # reading only: never deletes
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None or step not in checkpointer.all_steps():
+            raise FileNotFoundError(f"no checkpoint {step} in {checkpointer.directory}; "
+                                    f"available: {checkpointer.all_steps()}")
+        return checkpointer.restore(step, abstract_state), step
+    finally:
+        checkpointer.close()
+
+
 def abstract_like(state):
     """Shape/dtype/sharding skeleton of `state` for `Checkpointer.restore`."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

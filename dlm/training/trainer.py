@@ -40,13 +40,8 @@ def evaluate_workdir(workdir: str | pathlib.Path, split: str | None = None,
                      num_batches: int | None = None) -> dict:
     """Returns the likelihood metrics of the run in `workdir` (plus `step` and `split`)."""
     exp = experiment_lib.build(experiment_lib.load_config(workdir))
-    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=exp.config.keep_checkpoints)
-    step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
-    if step is None or step not in checkpointer.all_steps():
-        raise FileNotFoundError(f"no checkpoint {step} in {checkpointer.directory}; "
-                                f"available: {checkpointer.all_steps()}")
-    state = checkpointer.restore(step, checkpoint_lib.abstract_like(exp.init_state()))
-    checkpointer.close()
+    state, step = checkpoint_lib.restore_from_workdir(
+        workdir, checkpoint_lib.abstract_like(exp.init_state()), step=checkpoint_step)
     split = split or exp.config.eval.split
     metrics = evaluate_params(exp, state.eval_params(exp.config.eval.use_ema), split=split,
                               num_batches=num_batches)
