@@ -11,12 +11,12 @@ _CHOICES = {
     "model.name": ("dit", "transformer"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("xla", "pallas"),
-    "process.name": ("mdlm", "ar"),
+    "process.name": ("mdlm", "bd3lm", "ar"),
     "process.schedule": ("loglinear", "linear", "cosine", "polynomial"),
     "optimizer.schedule": ("constant", "cosine"),
 }
 # The network each process needs (its attention mask is part of the network).
-_PROCESS_MODEL = {"mdlm": "dit", "ar": "transformer"}
+_PROCESS_MODEL = {"mdlm": "dit", "bd3lm": "dit", "ar": "transformer"}
 
 _POSITIVE_INTS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints", "max_consecutive_nonfinite", "data.seq_len",

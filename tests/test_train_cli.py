@@ -15,14 +15,14 @@ from dlm.training import trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _command(workdir, data_dir, total_steps):
+def _command(workdir, data_dir, total_steps, config="configs/mdlm.py:micro", **extra):
     overrides = {
         "total_steps": total_steps, "log_every": 1, "checkpoint_every": 2, "eval_every": 1000,
         "data.data_dir": data_dir, "data.seq_len": 32, "data.batch_size": 8,
         "model.hidden": 32, "model.layers": 2, "model.heads": 2, "model.kv_heads": 2,
-        "model.cond_dim": 32, "optimizer.warmup_steps": 2,
+        "model.cond_dim": 32, "optimizer.warmup_steps": 2, **extra,
     }
-    return [sys.executable, "-m", "experiments.train", "--config=configs/mdlm.py:micro",
+    return [sys.executable, "-m", "experiments.train", f"--config={config}",
             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
@@ -54,6 +54,25 @@ def test_sigkill_mid_run_then_resume_continues_the_same_losses(tmp_path):
     straight, resumed = _last_losses(tmp_path / "straight"), _last_losses(tmp_path / "killed")
     assert sorted(resumed) == list(range(1, 11))
     assert [resumed[s] for s in range(5, 11)] == [straight[s] for s in range(5, 11)]
+
+
+def test_bd3lm_trains_from_the_command_line_and_refuses_a_bad_block_size(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run(_command(tmp_path / "run", data_dir, 2, "configs/bd3lm.py:micro",
+                            block_size=4, eval_every=2, **{"eval.num_batches": 1,
+                                                           "process.search_batches": 1}),
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert rows[-1]["step"] == 2 and "clip/min" in rows[-1]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["block_size"] == 4 and config["process"]["name"] == "bd3lm"
+    bad = subprocess.run(_command(tmp_path / "bad", data_dir, 2, "configs/bd3lm.py:micro",
+                                  block_size=5), cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0
+    assert "config.block_size=5 does not divide config.data.seq_len=32" in bad.stderr
 
 
 @pytest.mark.parametrize("method", ["mdlm", "ar"])

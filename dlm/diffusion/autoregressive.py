@@ -44,10 +44,11 @@ class Autoregressive:
         return jnp.where(target_mask_BL > 0, nll_BL, 0.0), target_mask_BL
 
     def loss(
-        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int
+        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int,
+        state=None,
     ) -> tuple[jax.Array, process.Metrics]:
-        """See `process.Process.loss`; rng and num_examples are unused."""
-        del rng, num_examples
+        """See `process.Process.loss`; rng, num_examples and state are unused."""
+        del rng, num_examples, state
         nll_BL, target_mask_BL = self.token_losses(model_fn, batch)
         loss_sum = jnp.sum(nll_BL)
         token_count = jnp.sum(target_mask_BL)

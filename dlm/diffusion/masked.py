@@ -30,6 +30,34 @@ import jax.numpy as jnp
 from dlm.diffusion import process, schedules
 
 
+def mask_tokens(tokens_BL: jax.Array, mask_prob_BL: jax.Array, rng: jax.Array,
+                example_id_B: jax.Array | None, mask_id: int) -> jax.Array:
+    """int32 [B, L]: each token replaced by mask_id with its probability mask_prob_BL.
+
+    Example b draws its L uniforms from fold_in(rng, example_id_B[b]) (default ids 0..B-1),
+    so the draw does not depend on how the batch is split.
+    """
+    batch_size, length = tokens_BL.shape
+    if example_id_B is None:
+        example_id_B = jnp.arange(batch_size, dtype=jnp.int32)
+    keys_B = process.example_keys(rng, example_id_B)
+    u_BL = jax.vmap(lambda key: jax.random.uniform(key, (length,), jnp.float32))(keys_B)
+    return jnp.where(u_BL < mask_prob_BL, mask_id, tokens_BL).astype(jnp.int32)
+
+
+def subs_log_probs(logits_BLV: jax.Array, xt_BL: jax.Array, mask_id: int) -> jax.Array:
+    """float32 log p(x_0 | x_t), [B, L, V], under the SUBS parameterisation.
+
+    Masked positions: log-softmax of the logits with the mask token at -inf. Unmasked
+    positions: 0 on the observed token, -inf elsewhere.
+    """
+    log_probs_BLV = jax.nn.log_softmax(process.exclude_token(logits_BLV, mask_id))
+    vocab_V = jnp.arange(logits_BLV.shape[-1])
+    carry_BLV = jnp.where(xt_BL[..., None] == vocab_V, 0.0, -jnp.inf)
+    is_masked_BL1 = (xt_BL == mask_id)[..., None]
+    return jnp.where(is_masked_BL1, log_probs_BLV, carry_BLV)
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskedDiffusion:
     """MDLM's masked diffusion process; implements `process.Process`.
@@ -65,25 +93,12 @@ class MaskedDiffusion:
 
         Example b draws from fold_in(rng, example_id_B[b]) (default example_id_B: 0..B-1).
         """
-        batch_size, length = tokens_BL.shape
-        if example_id_B is None:
-            example_id_B = jnp.arange(batch_size, dtype=jnp.int32)
-        keys_B = process.example_keys(rng, example_id_B)
-        u_BL = jax.vmap(lambda key: jax.random.uniform(key, (length,), jnp.float32))(keys_B)
-        is_masked_BL = u_BL < self.schedule.mask_prob(t_B)[:, None]
-        return jnp.where(is_masked_BL, self.mask_id, tokens_BL).astype(jnp.int32)
+        mask_prob_BL = jnp.broadcast_to(self.schedule.mask_prob(t_B)[:, None], tokens_BL.shape)
+        return mask_tokens(tokens_BL, mask_prob_BL, rng, example_id_B, self.mask_id)
 
     def subs_log_probs(self, logits_BLV: jax.Array, xt_BL: jax.Array) -> jax.Array:
-        """float32 log p(x_0 | x_t), [B, L, V], under the SUBS parameterisation.
-
-        Masked positions: log-softmax of the logits with the mask token at -inf. Unmasked
-        positions: 0 on the observed token, -inf elsewhere.
-        """
-        log_probs_BLV = jax.nn.log_softmax(process.exclude_token(logits_BLV, self.mask_id))
-        vocab_V = jnp.arange(logits_BLV.shape[-1])
-        carry_BLV = jnp.where(xt_BL[..., None] == vocab_V, 0.0, -jnp.inf)
-        is_masked_BL1 = (xt_BL == self.mask_id)[..., None]
-        return jnp.where(is_masked_BL1, log_probs_BLV, carry_BLV)
+        """float32 log p(x_0 | x_t), [B, L, V]; see `subs_log_probs`."""
+        return subs_log_probs(logits_BLV, xt_BL, self.mask_id)
 
     def time_weight(self, t_B: jax.Array) -> jax.Array:
         """float32 [B]: the weight multiplying -log p(x_0^i | x_t) at masked positions."""
@@ -110,9 +125,12 @@ class MaskedDiffusion:
         return jnp.where(batch["loss_mask"] > 0, loss_BL, 0.0)
 
     def loss(
-        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int
+        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int,
+        state=None,
     ) -> tuple[jax.Array, process.Metrics]:
-        """See `process.Process.loss`; the mean is over all real tokens, masked or not."""
+        """See `process.Process.loss`; the mean is over all real tokens, masked or not. The
+        process has no state."""
+        del state
         loss_sum = jnp.sum(self.token_losses(model_fn, batch, rng, num_examples))
         token_count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         loss = loss_sum / jnp.maximum(token_count, 1.0)

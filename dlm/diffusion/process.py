@@ -1,8 +1,13 @@
 """The protocol through which the trainer, evaluator and sampler use a diffusion process.
 
-A process (MDLM, AR; later BD3-LM, EDLM, SDTT) decides how tokens are corrupted, which
+A process (MDLM, BD3-LM, AR; later EDLM, SDTT) decides how tokens are corrupted, which
 attention the network needs and how the loss is weighted. It never sees parameters: it
 calls the network through a `ModelFn` with params and dropout rng already bound.
+
+A process may also carry a small *process state* that training adapts and checkpoints
+(BD3-LM's clipped noise interval): `init_state()` returns it (no method: None), `loss`
+receives it as `state`, and an optional `search_state` recomputes it from validation
+batches at each evaluation (see `dlm.training.trainer`).
 
 Batch layout (a dict):
   tokens      int32 [B, L]
@@ -15,19 +20,21 @@ one device or is split across many.
 """
 
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
-# (tokens_BL int32, t_B float32 | None) -> logits_BLV float32 over the full vocabulary,
-# including the mask id (mask_id = V - 1).
-ModelFn = Callable[[jax.Array, jax.Array | None], jax.Array]
+# (tokens_BL int32, t_B float32 | None, **options) -> logits_BLV float32 over the full
+# vocabulary, including the mask id (mask_id = V - 1). Options (all optional): positions_BL
+# (RoPE positions), mask (a MaskSpec overriding the network's), output_len (logits for the
+# first positions only).
+ModelFn = Callable[..., jax.Array]
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-PROCESSES = ("mdlm", "ar")
-ATTENTION_KINDS = ("full", "causal")
+PROCESSES = ("mdlm", "bd3lm", "ar")
+ATTENTION_KINDS = ("full", "causal", "bd3lm")
 
 
 class Process(Protocol):
@@ -37,9 +44,10 @@ class Process(Protocol):
     attention_kind: str
 
     def loss(
-        self, model_fn: ModelFn, batch: Batch, rng: jax.Array, *, num_examples: int
+        self, model_fn: ModelFn, batch: Batch, rng: jax.Array, *, num_examples: int,
+        state: Any = None,
     ) -> tuple[jax.Array, Metrics]:
-        """Training loss on this (local) batch.
+        """Training loss on this (local) batch under the process state `state`.
 
         Returns (loss, metrics): loss is a float32 scalar, sum of per-token losses / number of
         loss tokens in this batch; metrics holds float32 scalars `loss_sum` and `token_count`
@@ -59,6 +67,12 @@ class Process(Protocol):
         ...
 
 
+def initial_state(process: Process) -> Any:
+    """The process state a run starts from: `process.init_state()`, or None."""
+    init = getattr(process, "init_state", None)
+    return None if init is None else init()
+
+
 def example_keys(rng: jax.Array, example_id_B: jax.Array) -> jax.Array:
     """One key per example, fold_in(rng, example_id); shape [B] (typed) or [B, 2] (raw)."""
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, example_id_B)
@@ -72,13 +86,13 @@ def exclude_token(logits_BLV: jax.Array, token_id: int) -> jax.Array:
 
 
 def make_process(config, *, vocab_size: int | None = None) -> Process:
-    """The process named by `config.process.name` ('mdlm' or 'ar').
+    """The process named by `config.process.name` ('mdlm', 'bd3lm' or 'ar').
 
     `vocab_size` (V, including the mask token, mask_id = V - 1) defaults to
     `config.model.vocab_size`. Raises ValueError naming the offending config key.
     """
-    # Imported here: both modules import this one.
-    from dlm.diffusion import autoregressive, masked, schedules
+    # Imported here: these modules import this one.
+    from dlm.diffusion import autoregressive, block, masked, schedules
 
     name = config.process.get("name", None)
     if name not in PROCESSES:
@@ -100,6 +114,8 @@ def make_process(config, *, vocab_size: int | None = None) -> Process:
         raise ValueError(
             f"process.num_timesteps={num_timesteps!r} must be an int >= 0 (0: continuous time)"
         )
+    if name == "bd3lm":
+        return block.from_config(config, schedules.make_schedule(config), mask_id, t_min)
     return masked.MaskedDiffusion(
         schedule=schedules.make_schedule(config),
         mask_id=mask_id,

@@ -130,16 +130,19 @@ class Backbone(nn.Module):
         train: bool = False,
         positions_BL: jax.Array | None = None,
         mask: MaskSpec | str | None = None,
+        output_len: int | None = None,
     ) -> jax.Array:
-        """Returns logits [B, L, vocab] float32.
+        """Returns logits [B, output_len or L, vocab] float32.
 
         `t_B` (diffusion time) is read only by a time-conditioned DiT; `positions_BL` (RoPE)
         default to arange(L) (with the bd3lm mask over x_t ⊕ x_0 pass the positions of x_t
-        twice); `mask` overrides `config.mask`.
+        twice); `mask` overrides `config.mask`; `output_len` keeps only the first positions'
+        logits (the x_t half of x_t ⊕ x_0), so the head never runs on the others.
         """
         L = tokens_BL.shape[1]
         positions = jnp.arange(L) if positions_BL is None else positions_BL
-        logits, _ = self._run(tokens_BL, t_B, positions, mask, train=train)
+        logits, _ = self._run(tokens_BL, t_B, positions, mask, train=train,
+                              output_len=output_len)
         return logits
 
     def decode(
@@ -181,7 +184,8 @@ class Backbone(nn.Module):
             t_B = jnp.zeros((batch,), jnp.float32)
         return nn.silu(self.time_embed(jnp.broadcast_to(t_B, (batch,))))
 
-    def _run(self, tokens_BT, t_B, positions, mask, *, train, cache=None, kv_valid_BS=None):
+    def _run(self, tokens_BT, t_B, positions, mask, *, train, cache=None, kv_valid_BS=None,
+             output_len=None):
         mask = as_mask_spec(self.config.mask if mask is None else mask)
         c_BC = self._condition(t_B, tokens_BT.shape[0])
         x_BTD = self.embed(tokens_BT).astype(jnp.float32)
@@ -193,5 +197,6 @@ class Backbone(nn.Module):
                                      q_offset=q_offset, kv_valid_BS=kv_valid_BS,
                                      layer_cache=layer_cache)
             new_layers.append(new_layer)
+        x_BTD = x_BTD if output_len is None else x_BTD[:, :output_len]
         logits = self.final(x_BTD, c_BC) if self.conditioned else self.head(self.norm(x_BTD))
         return logits, new_layers

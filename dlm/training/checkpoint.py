@@ -83,6 +83,33 @@ def restore_from_workdir(workdir, abstract_state, *, step: int | None = None):
         checkpointer.close()
 
 
+def restore_fields(workdir, abstract_fields: dict, *, step: int | None = None
+                   ) -> tuple[dict, int]:
+    """Returns ({field: value}, step) for some fields of a saved train state (e.g. params and
+    ema_params), whatever the rest of the saved state holds; a field the checkpoint lacks (or
+    saved as None) comes back as None.
+
+    Raises FileNotFoundError naming the available steps when there is no such checkpoint.
+    """
+    checkpointer = Checkpointer(workdir, keep=1_000_000)  # reading only: never deletes
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None or step not in checkpointer.all_steps():
+            raise FileNotFoundError(f"no checkpoint {step} in {checkpointer.directory}; "
+                                    f"available: {checkpointer.all_steps()}")
+        path = checkpointer.directory / str(step) / "state"
+    finally:
+        checkpointer.close()
+    with ocp.PyTreeCheckpointer() as reader:
+        saved = reader.metadata(path).item_metadata
+        present = {k: v for k, v in abstract_fields.items()
+                   if k in saved and jax.tree.leaves(saved[k])}
+        restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+            item=present, restore_args=ocp.checkpoint_utils.construct_restore_args(present),
+            partial_restore=True))
+    return {k: restored.get(k) for k in abstract_fields}, step
+
+
 def abstract_like(state):
     """Shape/dtype/sharding skeleton of `state` for `Checkpointer.restore`."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

@@ -10,7 +10,10 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
 from dlm import config_validation
 from dlm.data import pipeline, tokenizers
@@ -19,6 +22,7 @@ from dlm.evaluation import likelihood
 from dlm.models import configs as model_configs
 from dlm.training import mesh as mesh_lib
 from dlm.training import optimizer as optimizer_lib
+from dlm.training import step as step_lib
 from dlm.training.state import TrainState
 
 CONFIG_FILE = "config.json"
@@ -68,7 +72,43 @@ class Experiment:
         t = jnp.ones((1,), jnp.float32)
         params = self.model.init({"params": init_rng}, tokens, t, train=False)["params"]
         return TrainState.create(params, self.tx, state_rng,
-                                 use_ema=config.optimizer.ema_decay > 0)
+                                 use_ema=config.optimizer.ema_decay > 0,
+                                 process_state=process_lib.initial_state(self.process))
+
+    def search_process_state(self, params, state_sharding=None):
+        """(process state, metrics) from the process's `search_state` on validation batches
+        (`config.process.search_batches` of them, fixed noise), or None when the process has
+        no search configured. `state_sharding` (the train state's) places the result."""
+        if not getattr(self.process, "searches", False):
+            return None
+        config = self.config
+        batches = [mesh_lib.global_batch(b, self.mesh) for b in pipeline.eval_batches(
+            config.data, self.corpus, config.eval.split,
+            num_batches=config.process.get("search_batches", 4))]
+        rng = jax.random.PRNGKey(config.eval.seed)
+
+        def statistic_of(argument):
+            values = [self._search_fn(params, batch, jax.random.fold_in(rng, i), argument)
+                      for i, batch in enumerate(batches)]
+            return np.concatenate([np.asarray(multihost_utils.process_allgather(v, tiled=True))
+                                   for v in values])
+
+        process_state, metrics = self.process.search_state(statistic_of)
+        if state_sharding is not None:
+            process_state = jax.device_put(process_state, state_sharding.process_state)
+        return process_state, metrics
+
+    @functools.cached_property
+    def _search_fn(self):
+        """Jitted `(params, batch, rng, argument) -> process.search_statistic` over the mesh."""
+        def per_device(params, batch, rng, argument):
+            fn = step_lib.model_fn(self.model, params, train=False)
+            return self.process.search_statistic(
+                fn, batch, rng, num_examples=self.config.data.eval_batch_size, candidate=argument)
+
+        return jax.jit(jax.shard_map(per_device, mesh=self.mesh,
+                                     in_specs=(P(), P(step_lib.DATA_AXIS), P(), P()),
+                                     out_specs=P(step_lib.DATA_AXIS)))
 
 
 def build(config: ml_collections.ConfigDict) -> Experiment:

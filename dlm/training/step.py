@@ -22,17 +22,18 @@ DATA_AXIS = "data"
 
 
 def model_fn(model, params, *, train: bool, dropout_rng: jax.Array | None = None):
-    """Binds a Flax network to `params`: returns `fn(tokens_BL, t_B) -> logits_BLV`."""
+    """Binds a Flax network to `params`: returns `fn(tokens_BL, t_B, **options) -> logits_BLV`
+    (options: the Backbone's positions_BL, mask, output_len)."""
     rngs = {"dropout": dropout_rng} if train else None
 
-    def fn(tokens_BL, t_B=None):
-        return model.apply({"params": params}, tokens_BL, t_B, train=train, rngs=rngs)
+    def fn(tokens_BL, t_B=None, **options):
+        return model.apply({"params": params}, tokens_BL, t_B, train=train, rngs=rngs, **options)
 
     return fn
 
 
-def _per_device_grads(params, rng, batch: dict, *, model, process, grad_accum_steps: int,
-                      num_examples: int):
+def _per_device_grads(params, process_state, rng, batch: dict, *, model, process,
+                      grad_accum_steps: int, num_examples: int):
     """Per device: gradients of the global mean loss, summed over the `data` axis.
 
     Returns (grads, loss, tokens), identical on every device.
@@ -43,7 +44,8 @@ def _per_device_grads(params, rng, batch: dict, *, model, process, grad_accum_st
     def loss_sum(params, micro_batch, micro_index):
         fn = model_fn(model, params, train=True,
                       dropout_rng=jax.random.fold_in(dropout_rng, micro_index))
-        _, metrics = process.loss(fn, micro_batch, loss_rng, num_examples=num_examples)
+        _, metrics = process.loss(fn, micro_batch, loss_rng, num_examples=num_examples,
+                                  state=process_state)
         return metrics["loss_sum"], metrics
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
@@ -78,12 +80,12 @@ def make_train_step(model, process, tx, mesh, *, ema_decay: float, grad_accum_st
     per_device = functools.partial(
         _per_device_grads, model=model, process=process, grad_accum_steps=grad_accum_steps,
         num_examples=global_batch)
-    grads_fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)),
-                             out_specs=(P(), P(), P()))
+    grads_fn = jax.shard_map(per_device, mesh=mesh,
+                             in_specs=(P(), P(), P(), P(DATA_AXIS)), out_specs=(P(), P(), P()))
 
     def step(state: TrainState, batch: dict):
-        grads, loss, tokens = grads_fn(state.params, jax.random.fold_in(state.rng, state.step),
-                                       batch)
+        grads, loss, tokens = grads_fn(state.params, state.process_state,
+                                       jax.random.fold_in(state.rng, state.step), batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = opt_state.last_finite

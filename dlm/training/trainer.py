@@ -55,14 +55,13 @@ def _restore_or_init(exp, checkpointer, data_iterator):
         logging.info("resuming from %s/%d", checkpointer.directory, latest)
         return checkpointer.restore(latest, checkpoint_lib.abstract_like(state), data_iterator)
     if exp.config.init_from:
-        source = checkpoint_lib.Checkpointer(exp.config.init_from, keep=1)
-        step = source.latest_step()
-        if step is None:
-            raise FileNotFoundError(
-                f"config.init_from={exp.config.init_from!r} holds no checkpoint")
-        loaded = source.restore(step, checkpoint_lib.abstract_like(state))
+        # Only the weights (the EMA when the source has one): the source may be another
+        # process (MDLM -> BD3-LM fine-tuning) whose optimizer or process state differs.
+        abstract = checkpoint_lib.abstract_like({"params": state.params,
+                                                 "ema_params": state.params})
+        loaded, step = checkpoint_lib.restore_fields(exp.config.init_from, abstract)
         logging.info("initialised params from %s step %d", exp.config.init_from, step)
-        params = loaded.eval_params(use_ema=True)
+        params = loaded["params"] if loaded["ema_params"] is None else loaded["ema_params"]
         ema = None if state.ema_params is None else params
         state = state.replace(params=params, ema_params=ema,
                               opt_state=exp.tx.init(params))
@@ -112,6 +111,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 logging.info("step %d  eval %s", step, _fmt(evaluation))
                 writer.write(step, evaluation)
                 last.update(evaluation)
+                searched = exp.search_process_state(params, exp.state_sharding())
+                if searched is not None:
+                    state = state.replace(process_state=searched[0])
+                    logging.info("step %d  process state search %s", step, _fmt(searched[1]))
+                    writer.write(step, searched[1])
+                    last.update(searched[1])
             if step % config.checkpoint_every == 0 or step == config.total_steps:
                 checkpointer.save(step, state, data_iterator)
     finally:
