@@ -55,6 +55,10 @@ MASK_CASES = [
     (MaskSpec.bd3lm(2), 8, 8, 0),
     (MaskSpec.bd3lm(4), 16, 16, 0),
     (MaskSpec.bd3lm(1), 6, 6, 0),
+    (MaskSpec.bd3lm(3), 12, 12, 0),
+    (MaskSpec.bd3lm(5), 20, 20, 0),
+    (MaskSpec.bd3lm(8), 16, 16, 0),  # b = L: one block, x_t never sees x_0
+    (MaskSpec.bd3lm(1), 32, 32, 0),
 ]
 
 
