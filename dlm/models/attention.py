@@ -43,7 +43,7 @@ def attend(
       mask: which keys each query may see; query i sits at absolute position q_offset + i.
       kv_valid_BS: optional bool [B, S]; False marks padding (or empty cache slots).
       q_offset: int or traced int32 scalar, the absolute position of the first query.
-      impl: 'xla' (dense reference) or 'pallas' (not yet available).
+      impl: 'xla' (dense reference) or 'pallas' (pallas_kernels.block_sparse_attention).
 
     Returns:
       out_BTHD [B, T, H, D] in q's dtype. Logits and softmax are float32; a query that may
@@ -52,9 +52,20 @@ def attend(
     if impl not in IMPLS:
         raise ValueError(f"unknown model.attention_impl {impl!r}; allowed: {', '.join(IMPLS)}")
     if impl == "pallas":
-        raise NotImplementedError(
-            "model.attention_impl='pallas' lands with the Pallas kernel issue; use 'xla'"
-        )
+        # Imported on use: pallas_kernels itself imports dlm.models.masks.
+        from pallas_kernels import block_sparse_attention
+
+        if not isinstance(q_offset, int | np.integer):
+            raise NotImplementedError(
+                "model.attention_impl='pallas' needs a static q_offset; KV-cache decoding (a "
+                "traced cache length) runs with attend(..., impl='xla')")
+        segment_ids = None
+        if kv_valid_BS is not None:  # padding keys get a segment id no query has
+            q_segments_BT = jnp.zeros(q_BTHD.shape[:2], jnp.int32)
+            kv_segments_BS = jnp.where(kv_valid_BS.astype(bool), 0, -1).astype(jnp.int32)
+            segment_ids = (q_segments_BT, kv_segments_BS)
+        return block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, mask, segment_ids=segment_ids,
+                                      q_offset=int(q_offset))
     return _attend_xla(q_BTHD, k_BSKD, v_BSKD, mask, kv_valid_BS, q_offset)
 
 
