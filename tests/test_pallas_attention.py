@@ -9,6 +9,8 @@ lower for GPU (Triton) and TPU (Mosaic) without a device.
 """
 
 import dataclasses
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -333,3 +335,26 @@ def test_model_trains_to_the_same_losses_with_pallas_and_xla(data_dir, method):
             losses[impl].append(float(metrics["train/loss"]))
     np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
     assert losses["xla"][2] != losses["xla"][0]
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_refuses_cpu_and_replaces_only_its_section(tmp_path):
+    # Subprocesses: the benchmark's absl flags (--out) would clash with other entry points'
+    # in this process.
+    out = tmp_path / "BENCH.md"
+    done = subprocess.run([sys.executable, "-m", "experiments.attention_benchmark",
+                           f"--out={out}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "not performance figures" in done.stderr
+    assert not out.exists()
+
+    out.write_text("# Benchmarks\n\n<!-- begin other -->\nkeep\n<!-- end other -->\n")
+    script = ("import pathlib, sys\n"
+              "from experiments.attention_benchmark import write_section\n"
+              "write_section(pathlib.Path(sys.argv[1]), 'first')\n"
+              "write_section(pathlib.Path(sys.argv[1]), 'second')\n")
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=300)
+    text = out.read_text()
+    assert "keep" in text and "first" not in text
+    assert text.count("<!-- begin attention -->\nsecond\n<!-- end attention -->") == 1
