@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from helpers import small_config
 
+import pallas_kernels
 from configs import ar, mdlm
 from dlm.data import pipeline
 from dlm.models.attention import attend
@@ -316,9 +317,13 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("method", [ar, pytest.param(mdlm, marks=pytest.mark.slow)],
                          ids=["ar", "mdlm"])
-def test_model_trains_to_the_same_losses_with_pallas_and_xla(data_dir, method):
+def test_model_trains_to_the_same_losses_with_pallas_and_xla(data_dir, method, monkeypatch):
+    traced = []  # calls of the kernel while tracing, to show the config reached `attend`
+    kernel = pallas_kernels.block_sparse_attention
+    monkeypatch.setattr(pallas_kernels, "block_sparse_attention",
+                        lambda *a, **k: traced.append(1) or kernel(*a, **k))
     mesh = mesh_lib.make_mesh(jax.devices()[:1])
-    losses = {}
+    losses, calls = {}, {}
     for impl in ("xla", "pallas"):
         exp = experiment.build(small_config(data_dir, method, **{
             "model.attention_impl": impl, "model.layers": 1}))
@@ -333,6 +338,8 @@ def test_model_trains_to_the_same_losses_with_pallas_and_xla(data_dir, method):
         for _ in range(3):
             state, metrics = step(state, mesh_lib.global_batch(next(it), mesh))
             losses[impl].append(float(metrics["train/loss"]))
+        calls[impl], traced[:] = len(traced), []
+    assert calls["xla"] == 0 and calls["pallas"] > 0
     np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
     assert losses["xla"][2] != losses["xla"][0]
 

@@ -1,4 +1,4 @@
-"""Attention dispatch: one entry point, a dense XLA reference now and a Pallas kernel later."""
+"""Attention dispatch: one entry point, a dense XLA reference and the Pallas kernels."""
 
 import math
 
