@@ -46,3 +46,17 @@ class KVCache:
                  valid_BS: jax.Array, num_new: int) -> "KVCache":
         """Returns the cache holding the updated layers with `num_new` more slots filled."""
         return KVCache(k=tuple(k), v=tuple(v), valid_BS=valid_BS, length=self.length + num_new)
+
+    def dropped_oldest(self, num: int) -> "KVCache":
+        """Returns the cache without its `num` (static) oldest slots: slot i + num moves to
+        slot i, the last `num` slots are emptied and `length` shrinks by `num` (not below 0).
+
+        Keys were rotated (RoPE) at their absolute positions when written, so the slots that
+        stay keep their relative geometry; a sliding window over a long generation.
+        """
+        def shift(x):  # along the slot axis, 1
+            return jnp.concatenate([x[:, num:], jnp.zeros_like(x[:, :num])], axis=1)
+
+        return KVCache(k=tuple(map(shift, self.k)), v=tuple(map(shift, self.v)),
+                       valid_BS=shift(self.valid_BS),
+                       length=jnp.maximum(self.length - num, 0).astype(jnp.int32))

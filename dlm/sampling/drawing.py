@@ -34,10 +34,16 @@ def check_compatible(sampler, run: loading.RunFiles, judge: loading.RunFiles | N
     """Raises ValueError when the sampler does not fit the run's network, or the judge is not
     a causal model with the same tokenizer."""
     wants_ar = sampler.name in recipes.AUTOREGRESSIVE
-    if wants_ar != run.is_autoregressive:
-        kind = "an autoregressive" if run.is_autoregressive else "a masked diffusion"
+    wants_block = sampler.name in recipes.BLOCK
+    if wants_ar != run.is_autoregressive or wants_block != run.is_block:
+        if run.is_autoregressive:
+            kind, use = "an autoregressive", "ar"
+        elif run.is_block:
+            kind, use = "a block diffusion", ", ".join(recipes.BLOCK)
+        else:
+            kind, use = "a masked diffusion", "a diffusion sampler"
         raise ValueError(f"sampler {sampler.name!r} cannot sample {kind} run ({run.workdir}); "
-                         f"use {'ar' if run.is_autoregressive else 'a diffusion sampler'}")
+                         f"use {use}")
     if judge is None:
         return
     if not judge.is_autoregressive:
@@ -47,6 +53,15 @@ def check_compatible(sampler, run: loading.RunFiles, judge: loading.RunFiles | N
             f"the judge {judge.workdir} uses another tokenizer ({judge.tokenizer.name}, "
             f"vocab {judge.tokenizer.vocab_size}) than {run.workdir} ({run.tokenizer.name}, "
             f"vocab {run.tokenizer.vocab_size}): its perplexity would be meaningless")
+
+
+def check_length(run: loading.RunFiles, length: int) -> None:
+    """Raises ValueError when a block diffusion run cannot sample `length` tokens (blocks
+    are aligned to positions 0, b, 2b, ..., so b must divide it)."""
+    block_size = run.block_size
+    if block_size and length % block_size:
+        raise ValueError(f"--length={length} must be a multiple of the run's block size "
+                         f"{block_size}")
 
 
 def prompt_tokens(run: loading.RunFiles, prompt: str, length: int) -> np.ndarray:
@@ -138,6 +153,7 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
     check_compatible(sampler, files, judge_files)
     length = length or int(files.config.data.seq_len)
     prompt_tokens(files, prompt, length)
+    check_length(files, length)
     run = loading.load_run(files, checkpoint_step, use_ema)
     judge = loading.load_run(judge_files) if judge_files else None
     records, summary = draw(run, sampler, num_samples=num_samples, length=length,

@@ -23,7 +23,11 @@ from dlm.sampling.state import SampleOutput, SamplerState, initial_state
 
 
 class StepRule(Protocol):
-    """What the loop asks of a sampler's step; implementations are frozen dataclasses."""
+    """What the loop asks of a sampler's step; implementations are frozen dataclasses.
+
+    A rule may also define `for_network(network) -> rule`, which the loop calls first to check
+    the network and settle options that default to the network's (the bd3lm block size).
+    """
 
     # Whether `init` needs the length of a prompt shared by all rows (AR prefill); rules
     # that do not get 0, so prompts of any length share one compilation.
@@ -71,6 +75,8 @@ def run(sampler: Sampler, network, params, tokens_BL: jax.Array, known_BL: jax.A
     """
     vocab = network.vocab
     rule = sampler.rule
+    if hasattr(rule, "for_network"):  # options defaulting to the network's (bd3lm's block size)
+        rule = rule.for_network(network)
     length = tokens_BL.shape[1]
     state = initial_state(tokens_BL, known_BL, rng, vocab.mask_id)
     state = sampler.stop.update(rule.init(network, params, state, prefix_len), vocab)

@@ -36,6 +36,19 @@ class RunFiles:
     def is_autoregressive(self) -> bool:
         return self.config.process.name == "ar"
 
+    @property
+    def is_block(self) -> bool:
+        """Whether it is a block diffusion (BD3-LM) run, sampled by the block samplers."""
+        return self.config.process.name == "bd3lm"
+
+    @property
+    def block_size(self) -> int | None:
+        """The block size of a block diffusion run (None otherwise)."""
+        if not self.is_block:
+            return None
+        size = self.config.get("block_size", None) or self.config.process.get("block_size", None)
+        return None if size is None else int(size)
+
     def tokenizer_state(self) -> dict:
         """The saved tokenizer file's content, for comparing two runs' tokenizers."""
         path = self.workdir / experiment.TOKENIZER_DIR / tokenizers.TOKENIZER_FILE
@@ -48,7 +61,7 @@ class Run(RunFiles):
 
     module: Any = None  # flax.linen.Module
     process: Any = None
-    network: networks.Denoiser | networks.CausalLM | None = None
+    network: networks.Denoiser | networks.BlockDenoiser | networks.CausalLM | None = None
     params: Any = None  # laid out on `mesh` as in training (replicated or FSDP)
     mesh: Any = None  # jax.sharding.Mesh
     step: int = -1
@@ -84,7 +97,8 @@ def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = N
         files.workdir, checkpoint_lib.abstract_like(skeleton.init_state()), step=step)
     use_ema = config.eval.get("use_ema", True) if use_ema is None else use_ema
     return Run(files.workdir, config, files.tokenizer, module=module, process=process,
-               network=networks.from_flax(module, process, files.tokenizer),
+               network=networks.from_flax(module, process, files.tokenizer,
+                                          context_len=int(config.data.seq_len)),
                params=state.eval_params(use_ema), mesh=mesh, step=int(step))
 
 

@@ -1,4 +1,5 @@
-"""The networks as samplers call them: a masked denoiser or a causal LM with a KV cache.
+"""The networks as samplers call them: a masked denoiser, a block diffusion denoiser with a
+KV cache of committed blocks, or a causal LM with a KV cache.
 
 Samplers are jit-compiled with the network as a static argument, so every object here is a
 frozen dataclass that compares and hashes by value: rebuilding the same network for the same
@@ -60,6 +61,40 @@ class CausalLM:
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockDenoiser:
+    """A block diffusion (BD3-LM) network: masked diffusion inside blocks of `block_size`
+    tokens at absolute positions 0, b, 2b, ..., autoregressive across blocks.
+
+    Clean (committed) blocks attend block-causally to the clean blocks before them; the noisy
+    block being denoised attends to those and, bidirectionally, to itself (the x_0 and x_t
+    streams of training, under the mask 'block_causal:b').
+
+    Attributes:
+      decode_fn: hashable `(params, tokens_BT int32, cache, positions_BT int32) ->
+        (logits_BTV float32, cache)`: runs T (a multiple of b) tokens at absolute positions
+        `positions_BT` (RoPE) against the cache, which holds whole blocks; the returned cache
+        has them appended. Keep it to commit the blocks, drop it to score a noisy block.
+      forward_fn: hashable `(params, tokens_BL) -> logits_BLV float32`: the whole sequence at
+        positions 0..L-1 without a cache (each block sees itself and the blocks before it).
+      init_cache_fn: hashable `(batch, max_len) -> cache`, an empty cache of max_len slots
+        (a `KVCache`, or any pytree with its `dropped_oldest(num)` for the sliding window).
+      vocab: its special ids.
+      schedule: the noise schedule it was trained with.
+      block_size: b, the block size it was trained with.
+      context_len: the sequence length it was trained on (None: unknown); samplers keep
+        at most this many positions in view (a sliding window over the cache).
+    """
+
+    decode_fn: Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+    forward_fn: Callable[[Any, jax.Array], jax.Array]
+    init_cache_fn: Callable[[int, int], Any]
+    vocab: Vocab
+    schedule: schedules.Schedule
+    block_size: int
+    context_len: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class _FlaxDenoise:
     module: Any  # flax.linen.Module (hashable by value)
 
@@ -76,6 +111,26 @@ class _FlaxDecode:
 
 
 @dataclasses.dataclass(frozen=True)
+class _FlaxBlockDecode:
+    module: Any
+    mask: str  # 'block_causal:b'
+
+    def __call__(self, params, tokens_BT, cache, positions_BT):
+        return self.module.apply({"params": params}, tokens_BT, cache, positions_BT=positions_BT,
+                                 mask=self.mask, method="decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlaxBlockForward:
+    module: Any
+    mask: str
+
+    def __call__(self, params, tokens_BL):
+        return self.module.apply({"params": params}, tokens_BL, None, train=False,
+                                 mask=self.mask)
+
+
+@dataclasses.dataclass(frozen=True)
 class _FlaxInitCache:
     module: Any
 
@@ -85,10 +140,14 @@ class _FlaxInitCache:
         return KVCache.init(self.module.config, batch, max_len)
 
 
-def from_flax(module, process, tokenizer=None) -> Denoiser | CausalLM:
-    """Wraps a DiT (with a MaskedDiffusion process) or a Transformer (with Autoregressive).
+def from_flax(module, process, tokenizer=None, context_len: int | None = None
+              ) -> Denoiser | BlockDenoiser | CausalLM:
+    """Wraps a DiT (with a MaskedDiffusion process, or a block diffusion process: one with a
+    `block_size`) or a Transformer (with Autoregressive).
 
-    `tokenizer` (optional) supplies the EOS and pad ids for end-of-text policies.
+    `tokenizer` (optional) supplies the EOS and pad ids for end-of-text policies;
+    `context_len` (optional) is the training sequence length, the default view of a block
+    diffusion sampler. Raises ValueError for a time-conditioned block diffusion network.
     """
     eos_id = None if tokenizer is None else tokenizer.eos_id
     pad_id = None if tokenizer is None else tokenizer.pad_id
@@ -96,6 +155,15 @@ def from_flax(module, process, tokenizer=None) -> Denoiser | CausalLM:
     if mask_id is None:
         mask_id = module.vocab_size - 1
     vocab = Vocab(mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
+    block_size = getattr(process, "block_size", None)
+    if block_size is not None:
+        if module.config.get("time_conditioning", False):
+            raise ValueError("block diffusion sampling does not support a time-conditioned "
+                             "network (model.time_conditioning=True)")
+        mask = f"block_causal:{int(block_size)}"
+        return BlockDenoiser(_FlaxBlockDecode(module, mask), _FlaxBlockForward(module, mask),
+                             _FlaxInitCache(module), vocab, process.schedule, int(block_size),
+                             None if context_len is None else int(context_len))
     if hasattr(process, "schedule"):
         return Denoiser(_FlaxDenoise(module), vocab, process.schedule,
                         bool(module.config.time_conditioning))

@@ -15,6 +15,7 @@ import inspect
 
 from dlm.sampling import categorical, scores, select, times, transforms
 from dlm.sampling.autoregressive import NextToken
+from dlm.sampling.blocks import BlockUnmask
 from dlm.sampling.engine import Sampler
 from dlm.sampling.stop import Stop
 from dlm.sampling.unmask import Unmask
@@ -128,6 +129,63 @@ def ar(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    Stop(stop_at_eos, eos_fill))
 
 
+BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")
+
+
+def bd3lm(block_size: int | None = None, policy: str = "first_hitting",
+          steps: int | None = None, threshold: float = 0.9, kv_cache: bool = True,
+          window: int | None = None, temperature: float = 1.0, top_k: int = 0,
+          top_p: float = 1.0, gumbel_dtype: str | None = None, stop_at_eos: bool = False,
+          eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
+    """BD3-LM block diffusion (Arriola et al., 2025), for networks trained with blocks: blocks
+    of `block_size` (None: the network's; it must equal it) generated left to right, each
+    denoised by `policy` given the committed blocks before it:
+
+    - 'first_hitting': one uniformly chosen masked position per network call, at its exact
+      first-hitting time (b calls for a block of b masks; takes no `steps`).
+    - 'mdlm': MDLM's ancestral steps on a uniform time grid, `steps` per block (None: b),
+      then one argmax step for what is left.
+    - 'fixed_count': the most confident positions, an even share of the block's masks in
+      each of `steps` steps per block (None: b, one per step).
+    - 'threshold': every masked position whose confidence exceeds `threshold`, and always the
+      most confident one (Fast-dLLM's rule; takes no `steps`).
+
+    With `kv_cache` each committed block is encoded once into a KV cache (one network call)
+    and every step runs the network on the current block only; without it every step runs it
+    on the whole sequence (the reference: the same samples under the same key; no window).
+    `window` (a multiple of b; None: the largest that fits the training context with the
+    current block, or everything when the network does not know its context) bounds the
+    committed positions in view: the oldest block leaves the cache first, so samples may be
+    longer than the training context. The length must be a multiple of b. `stop_at_eos` ends
+    a sample at its first EOS (variable length): later blocks are never generated.
+    Nucleus / top-k / temperature apply inside blocks as everywhere."""
+    _check_positive("block_size", block_size)
+    _check_positive("steps", steps)
+    _check_positive("window", window)
+    if policy not in BLOCK_POLICIES:
+        raise ValueError(f"policy={policy!r}; allowed: {', '.join(BLOCK_POLICIES)}")
+    if steps is not None and policy in ("first_hitting", "threshold"):
+        raise ValueError(f"policy {policy!r} takes no steps (it commits by its own rule); use "
+                         "policy='mdlm' or 'fixed_count' for a step count")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must lie in (0, 1]")
+    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
+    if policy == "first_hitting":
+        inner = Unmask(select=select.FixedCount(1), score=scores.Random(), proposal=proposal,
+                       transforms=chain, time=times.FirstHitting())
+    elif policy == "mdlm":
+        inner = Unmask(select=select.Reveal(), proposal=proposal, transforms=chain,
+                       steps=steps, time=times.GridTime(), final_greedy=True)
+    elif policy == "fixed_count":
+        inner = Unmask(select=select.ScheduledCount("linear"), score=scores.Probability(),
+                       proposal=proposal, transforms=chain, steps=steps)
+    else:
+        inner = Unmask(select=select.Threshold(threshold), score=scores.Probability(),
+                       proposal=proposal, transforms=chain)
+    rule = BlockUnmask(inner, block_size=block_size, kv_cache=bool(kv_cache), window=window)
+    return Sampler("bd3lm", rule, Stop(stop_at_eos, eos_fill))
+
+
 SAMPLERS = {
     "mdlm": mdlm,
     "ddpm_cache": functools.partial(mdlm, cache_logits=True),
@@ -136,8 +194,12 @@ SAMPLERS = {
     "dream": dream,
     "fast_dllm": fast_dllm,
     "ar": ar,
+    "bd3lm": bd3lm,
 }
-AUTOREGRESSIVE = ("ar",)  # the recipes that need a causal network; the others a denoiser
+# The recipes that need a causal network, and those that need a block diffusion network
+# (a BlockDenoiser); the others need a masked denoiser.
+AUTOREGRESSIVE = ("ar",)
+BLOCK = ("bd3lm",)
 
 
 def options(name: str) -> dict:

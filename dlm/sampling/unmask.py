@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dlm.sampling import categorical, scores, select, transforms
+from dlm.sampling.networks import BlockDenoiser
 from dlm.sampling.state import SamplerState
 
 
@@ -64,6 +65,12 @@ class Unmask:
         return steps + int(self.final_greedy)
 
     def init(self, network, params, state: SamplerState, prefix_len: int) -> SamplerState:
+        if not hasattr(network, "apply_fn"):  # a Denoiser
+            hint = (" (sample a block diffusion network with the bd3lm sampler)"
+                    if isinstance(network, BlockDenoiser) else "")
+            raise ValueError("masked-diffusion samplers (mdlm, ddpm_cache, first_hitting, llada, "
+                             f"dream, fast_dllm) need a Denoiser, got a "
+                             f"{type(network).__name__}{hint}")
         if not self._caches(network):
             return state
         logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)
@@ -71,11 +78,20 @@ class Unmask:
         return state.replace(cache=(jnp.zeros(logits.shape, logits.dtype), no_call_yet_BL))
 
     def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
+        logits_BLV, state = self._logits(network, params, state)
+        return self.update(network, state, logits_BLV, key)
+
+    def update(self, network, state: SamplerState, logits_BLV: jax.Array,
+               key: jax.Array) -> SamplerState:
+        """Everything in a step after the network call: propose, score, select, commit and
+        advance t. `logits_BLV` [B, L, V] are the network's for `state.tokens_BL`; `state.step`
+        counts the steps of the sampling being done (a block sampler passes a block's
+        sub-state and the step within the block). Returns the state after the commits.
+        """
         vocab = network.vocab
         length = state.tokens_BL.shape[1]
         time_key, proposal_key, score_key, select_key = jax.random.split(key, 4)
         open_BL = state.open_BL(vocab.mask_id)
-        logits_BLV, state = self._logits(network, params, state)
         log_probs_BLV = transforms.log_probs(logits_BLV, self.transforms, vocab)
         proposed_BL = self.proposal(log_probs_BLV, proposal_key)
         if self.final_greedy:

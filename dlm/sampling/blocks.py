@@ -1,0 +1,223 @@
+"""Block diffusion (BD3-LM) sampling: blocks left to right, masked diffusion inside each.
+
+The sequence is cut into blocks of b tokens at absolute positions 0, b, 2b, ... (as in
+training). Each loop step works on the current block: the first one in which any row has an
+open position (the rows move in lockstep, since they share one cache). The committed blocks
+before it that the cache does not hold yet are encoded into it (one network call each, so a
+committed block is encoded once), the network scores the current block alone against the
+cache, and the inner `Unmask` rule commits positions of the block exactly as it would for a
+sequence of b tokens, so every one of its policies (first hitting, MDLM's grid, fixed counts,
+confidence thresholds, nucleus sampling) works inside blocks. Without the KV cache the
+network runs on the whole sequence every step instead (the reference the cached sampler
+equals, under the same key).
+
+The cache keeps `window` committed positions in view; when it is full the oldest block is
+dropped first (keys keep their absolute RoPE positions, so the relative geometry of what
+stays is unchanged), so a sample may be longer than the training context. With
+`Stop(at_eos)` a row ends at its first generated EOS: the positions after it are filled, so
+later blocks have nothing open, and the loop ends once every row has ended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from dlm.sampling.networks import BlockDenoiser
+from dlm.sampling.state import SamplerState
+from dlm.sampling.unmask import Unmask
+
+
+@struct.dataclass
+class BlockCarry:
+    """What `BlockUnmask` carries in `SamplerState.cache`."""
+
+    kv: Any  # the network's cache of committed blocks (None without the KV cache)
+    encoded: jax.Array  # int32 []: blocks 0..encoded-1 went through the cache
+    block: jax.Array  # int32 []: the current block (-1 before the first step)
+    block_start: jax.Array  # int32 []: the loop step at which the current block started
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockUnmask:
+    """A block diffusion step rule for a `BlockDenoiser`.
+
+    Attributes:
+      inner: the masked-diffusion rule applied inside each block (no `block_length`, no
+        `cache_logits`); its step budget and time plan are per block.
+      block_size: b; None: the network's (a different b is an error: the network's
+        attention mask is built for its own).
+      kv_cache: encode committed blocks once into a KV cache and run the network on the
+        current block only; False: a full forward over the whole sequence every step.
+      window: committed positions the current block sees through the cache (a multiple of
+        b); None: the most that fit the network's training context together with the
+        current block, or everything when it has none.
+    """
+
+    inner: Unmask = Unmask()
+    block_size: int | None = None
+    kv_cache: bool = True
+    window: int | None = None
+
+    uses_prefix: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.inner.block_length is not None or self.inner.cache_logits:
+            raise ValueError("the inner rule of a block sampler takes no block_length and no "
+                             "cache_logits")
+        for name in ("block_size", "window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive int or None")
+        if self.window is not None and not self.kv_cache:
+            raise ValueError("window slides over the KV cache; it needs kv_cache=True")
+        if self.window is not None and self.block_size is not None:
+            _check_window(self.window, self.block_size)
+
+    def for_network(self, network) -> BlockUnmask:
+        """The rule with `block_size` set from `network` (a BlockDenoiser; ValueError if it is
+        not one, or if the sizes disagree)."""
+        if not isinstance(network, BlockDenoiser):
+            raise ValueError("the bd3lm sampler needs a BlockDenoiser (a network trained with "
+                             f"block diffusion), got a {type(network).__name__}")
+        if self.block_size is not None and self.block_size != network.block_size:
+            raise ValueError(f"block_size={self.block_size}, but the network was trained with "
+                             f"blocks of {network.block_size} (its attention mask is built "
+                             "for them)")
+        if self.window is not None:
+            _check_window(self.window, network.block_size)
+        return dataclasses.replace(self, block_size=network.block_size)
+
+    def num_blocks(self, length: int) -> int:
+        """L / b (ValueError when b does not divide the length L)."""
+        b = self._resolved_block_size()
+        if length % b:
+            raise ValueError(f"block diffusion sampling needs a length divisible by the block "
+                             f"size {b}, got length={length}")
+        return length // b
+
+    def max_steps(self, length: int, prefix_len: int = 0) -> int:
+        del prefix_len
+        b = self._resolved_block_size()
+        return self.num_blocks(length) * self.inner.max_steps(b)
+
+    def cache_window(self, network, length: int) -> int:
+        """Committed positions in view of the current block: `window`, else the largest
+        multiple of b that fits the training context with the block (at least b), else all;
+        never more than the L - b that exist."""
+        b = self._resolved_block_size()
+        if self.window is not None:
+            window = self.window
+        elif network.context_len is not None:
+            window = max(b, (network.context_len - b) // b * b)
+        else:
+            window = length - b
+        return min(window, length - b)
+
+    def init(self, network, params, state: SamplerState, prefix_len: int) -> SamplerState:
+        rule = self.for_network(network)
+        batch, length = state.tokens_BL.shape
+        rule.num_blocks(length)  # validates the length
+        kv = None
+        if rule.kv_cache:
+            b = rule.block_size
+            kv = network.init_cache_fn(batch, rule.cache_window(network, length) + b)
+        zero = jnp.zeros((), jnp.int32)
+        return state.replace(cache=BlockCarry(kv=kv, encoded=zero, block=zero - 1,
+                                              block_start=zero))
+
+    def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
+        rule = self.for_network(network)
+        b = rule.block_size
+        batch, length = state.tokens_BL.shape
+        mask_id = network.vocab.mask_id
+        carry = state.cache
+
+        open_BL = state.open_BL(mask_id)
+        open_N = jnp.any(open_BL.reshape(batch, length // b, b), axis=(0, 2))
+        block = jnp.argmax(open_N).astype(jnp.int32)
+        new_block = block != carry.block
+        block_start = jnp.where(new_block, state.step, carry.block_start)
+        t_B = jnp.where(new_block, jnp.ones_like(state.t_B), state.t_B)
+        start = block * b
+
+        kv, encoded, nfe = carry.kv, carry.encoded, state.nfe
+        if rule.kv_cache:
+            kv, encoded, nfe = rule.encode_before(network, params, state.tokens_BL, block,
+                                                   (kv, encoded, nfe))
+            tokens_BT = lax.dynamic_slice_in_dim(state.tokens_BL, start, b, axis=1)
+            logits_BTV, _ = network.decode_fn(params, tokens_BT, kv,
+                                              block_positions(start, batch, b))
+        else:
+            logits_BLV = network.forward_fn(params, state.tokens_BL)
+            logits_BTV = lax.dynamic_slice_in_dim(logits_BLV, start, b, axis=1)
+
+        def cut(x_BL):
+            return lax.dynamic_slice_in_dim(x_BL, start, b, axis=1)
+
+        def paste(x_BL, x_BT):
+            return lax.dynamic_update_slice_in_dim(x_BL, x_BT, start, axis=1)
+
+        sub = state.replace(
+            tokens_BL=cut(state.tokens_BL), known_BL=cut(state.known_BL),
+            confidence_BL=cut(state.confidence_BL), commit_step_BL=cut(state.commit_step_BL),
+            t_B=t_B, step=state.step - block_start, nfe=nfe + 1, cache=None)
+        after = rule.inner.update(network, sub, logits_BTV.astype(jnp.float32), key)
+        committed_BT = sub.open_BL(mask_id) & ~after.open_BL(mask_id)
+        commit_step_BT = jnp.where(committed_BT, state.step, sub.commit_step_BL)
+        return state.replace(
+            tokens_BL=paste(state.tokens_BL, after.tokens_BL),
+            confidence_BL=paste(state.confidence_BL, after.confidence_BL),
+            commit_step_BL=paste(state.commit_step_BL, commit_step_BT),
+            t_B=after.t_B, nfe=after.nfe,
+            cache=BlockCarry(kv=kv, encoded=encoded, block=block, block_start=block_start))
+
+    def encode_before(self, network, params, tokens_BL: jax.Array, block: jax.Array,
+                      kv_encoded_nfe: tuple) -> tuple:
+        """Encodes blocks `encoded`, ..., `block` - 1 of tokens_BL [B, L] into the cache of a
+        rule resolved `for_network`: one network call per block, the oldest block dropped
+        first when the cache holds `cache_window` positions.
+
+        Returns (kv, encoded, nfe) after them, from (kv, encoded, nfe) before.
+        """
+        b = self._resolved_block_size()
+        batch, length = tokens_BL.shape
+        window_blocks = self.cache_window(network, length) // b
+
+        def cond_fn(carry):
+            return carry[1] < block
+
+        def body_fn(carry):
+            kv, encoded, nfe = carry
+            if window_blocks < length // b - 1:  # else the cache never fills
+                kv = lax.cond(encoded >= window_blocks, lambda c: c.dropped_oldest(b),
+                              lambda c: c, kv)
+            start = encoded * b
+            tokens_BT = lax.dynamic_slice_in_dim(tokens_BL, start, b, axis=1)
+            _, kv = network.decode_fn(params, tokens_BT, kv, block_positions(start, batch, b))
+            return kv, encoded + 1, nfe + 1
+
+        return lax.while_loop(cond_fn, body_fn, kv_encoded_nfe)
+
+    def _resolved_block_size(self) -> int:
+        if self.block_size is None:
+            raise ValueError("block_size is the network's: resolve it with for_network first")
+        return self.block_size
+
+
+def block_positions(start: jax.Array, batch: int, block_size: int) -> jax.Array:
+    """int32 [B, b]: the absolute positions start .. start + b - 1 of a block."""
+    positions_T = start + jnp.arange(block_size, dtype=jnp.int32)
+    return jnp.broadcast_to(positions_T, (batch, block_size))
+
+
+def _check_window(window: int, block_size: int) -> None:
+    if window < block_size or window % block_size:
+        raise ValueError(f"window={window} must be a positive multiple of the block size "
+                         f"{block_size}")
