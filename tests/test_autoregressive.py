@@ -106,5 +106,5 @@ def test_make_process_ar():
     ar = process.make_process(config)
     assert ar == autoregressive.Autoregressive(mask_id=8)
     assert ar.attention_kind == "causal"
-    with pytest.raises(ValueError, match=r"process\.name.*mdlm, ar"):
+    with pytest.raises(ValueError, match=r"process\.name.*mdlm, bd3lm, ar"):
         process.make_process(ml_collections.ConfigDict({"process": {"name": "gpt"}}))

@@ -43,7 +43,8 @@ def attend(
       mask: which keys each query may see; query i sits at absolute position q_offset + i.
       kv_valid_BS: optional bool [B, S]; False marks padding (or empty cache slots).
       q_offset: int or traced int32 scalar, the absolute position of the first query.
-      impl: 'xla' (dense reference) or 'pallas' (pallas_kernels.block_sparse_attention).
+      impl: 'xla' (dense reference) or 'pallas' (pallas_kernels.block_sparse_attention; with
+        a traced q_offset, i.e. KV-cache decoding, the reference is used).
 
     Returns:
       out_BTHD [B, T, H, D] in q's dtype. Logits and softmax are float32; a query that may
@@ -51,14 +52,12 @@ def attend(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown model.attention_impl {impl!r}; allowed: {', '.join(IMPLS)}")
-    if impl == "pallas":
+    # The kernel serves whole-sequence passes (training, scoring); KV-cache decoding, whose
+    # offset is a traced cache length and whose queries are a few tokens, uses the reference.
+    if impl == "pallas" and isinstance(q_offset, int | np.integer):
         # Imported on use: pallas_kernels itself imports dlm.models.masks.
         from pallas_kernels import block_sparse_attention
 
-        if not isinstance(q_offset, int | np.integer):
-            raise NotImplementedError(
-                "model.attention_impl='pallas' needs a static q_offset; KV-cache decoding (a "
-                "traced cache length) runs with attend(..., impl='xla')")
         segment_ids = None
         if kv_valid_BS is not None:  # padding keys get a segment id no query has
             q_segments_BT = jnp.zeros(q_BTHD.shape[:2], jnp.int32)
