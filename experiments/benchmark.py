@@ -9,7 +9,8 @@ Suites:
   sampling    per sampler (micro MDLM and micro AR checkpoints, trained here or reused with
               `--sampling_workdir_*`): network calls, tokens/s at batch 1 and 16, generative
               perplexity under the AR run, entropy and compile time, per generated length;
-              the engine's per-step overhead over a bare loop of forward passes.
+              the engine's per-step overhead over a bare loop of forward passes;
+  ladder, bd3lm_cost  block diffusion: see `experiments.block_benchmarks`.
 
 Each suite replaces its own section of the file and leaves the others alone; every
 section records the command, the machine and the date. Figures are medians.
@@ -32,8 +33,10 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments import block_benchmarks
+
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
-                            "Suites to run: throughput, bpc, sampling.")
+                            "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost.")
 _SIZES = flags.DEFINE_list("sizes", ["micro", "tiny"], "Model sizes for `throughput`.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch for `throughput`.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Sequence length for `throughput`.")
@@ -478,7 +481,9 @@ def main(argv):
         return
     command = "python -m experiments.benchmark " + " ".join(sys.argv[1:])
     suites = {"throughput": throughput_section, "bpc": bpc_section,
-              "sampling": sampling_section}
+              "sampling": sampling_section,
+              "ladder": lambda c: block_benchmarks.ladder_section(c, _provenance),
+              "bd3lm_cost": lambda c: block_benchmarks.cost_section(c, _provenance)}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")
