@@ -190,3 +190,19 @@ def test_batch_not_divisible_by_devices_is_refused(data_dir):
     with pytest.raises(ValueError, match=r"data.batch_size=12 is not divisible by the number "
                                          r"of devices \(8\)"):
         trainer.train(small_config(data_dir, **{"data.batch_size": 12}), data_dir / "never")
+
+
+def test_a_checkpoint_without_a_newer_none_field_still_restores(data_dir, tmp_path):
+    # Checkpoints written before TrainState had `process_state` hold no such entry.
+    exp = experiment.build(small_config(data_dir))
+    state = exp.init_state()
+    old_layout = {f: getattr(state, f) for f in ("step", "params", "opt_state", "ema_params",
+                                                "rng")}
+    checkpointer = checkpoint_lib.Checkpointer(tmp_path, keep=1)
+    checkpointer.save(1, old_layout, None)
+    checkpointer.close()
+    restored, step = checkpoint_lib.restore_from_workdir(
+        tmp_path, checkpoint_lib.abstract_like(state))
+    assert step == 1 and restored.process_state is None
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                 jax.device_get(state.params))

@@ -8,6 +8,7 @@ previous step is written; `close()` waits for the last one.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import grain
@@ -53,11 +54,21 @@ class Checkpointer:
         `abstract_state` gives the structure, shapes, dtypes and shardings to restore into
         (e.g. `jax.eval_shape` of the initial state with shardings attached).
         """
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        target, absent = abstract_state, {}
+        if dataclasses.is_dataclass(abstract_state):
+            # A field that is None now and was not saved (e.g. `process_state`, added after
+            # the checkpoint was written) is left out of the restore and kept as None.
+            saved = self._manager.item_metadata(step)["state"]
+            fields = {f.name: getattr(abstract_state, f.name)
+                      for f in dataclasses.fields(abstract_state)}
+            absent = {k: v for k, v in fields.items() if v is None and k not in saved}
+            if absent:
+                target = {k: v for k, v in fields.items() if k not in absent}
+        items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        return abstract_state.replace(**restored) if absent else restored
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
