@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 from absl import flags
 
 _LADDER_STEPS = flags.DEFINE_integer("ladder_steps", 500, "Training steps of every `ladder` run.")
@@ -57,8 +56,8 @@ def _ladder_root() -> pathlib.Path:
     return pathlib.Path(tempfile.mkdtemp(prefix="dlm_ladder_"))
 
 
-def _train(config: str, workdir: pathlib.Path, overrides: dict) -> float:
-    """Trains (or resumes, or finds finished) one run; returns the wall time of this call."""
+def _train(config: str, workdir: pathlib.Path, overrides: dict) -> None:
+    """Trains (or resumes, or finds finished) one run."""
     steps = _LADDER_STEPS.value
     settings = {"total_steps": steps, "eval_every": max(steps // _LADDER_SEARCHES.value, 1),
                 "checkpoint_every": max(steps // _LADDER_SEARCHES.value, 1),
@@ -66,11 +65,9 @@ def _train(config: str, workdir: pathlib.Path, overrides: dict) -> float:
                 "data.data_dir": str(TFDS_DIR), **overrides}
     command = [sys.executable, "-m", "experiments.train", f"--config={config}",
                f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in settings.items()]
-    start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
@@ -79,13 +76,12 @@ def _rows(workdir: pathlib.Path) -> list[dict]:
 
 def ladder_section(command: str, provenance) -> str:
     root = _ladder_root()
-    lines_out, walls = [], {}
+    lines_out = []
     for name, config, overrides in _ladder_runs():
-        walls[name] = _train(config, root / name, overrides)
+        _train(config, root / name, overrides)
         rows = _rows(root / name)
         final = [r for r in rows if "eval/nll_nats_per_token" in r][-1]
         searched = [r for r in rows if "clip/min" in r]
-        steps_per_sec = np.median([r["steps_per_sec"] for r in rows if "steps_per_sec" in r])
         clip = variance = "—"
         if searched:
             last = searched[-1]
@@ -94,7 +90,7 @@ def ladder_section(command: str, provenance) -> str:
         lines_out.append(
             f"| {name} | {final['step']} | {final['eval/nll_nats_per_token']:.4f} ± "
             f"{final['eval/nll_stderr']:.4f} | {final['eval/bits_per_token']:.3f} | "
-            f"{final['eval/ppl']:.3f} | {clip} | {variance} | {steps_per_sec:.2f} |")
+            f"{final['eval/ppl']:.3f} | {clip} | {variance} |")
     steps = _LADDER_STEPS.value
     return "\n".join([
         "## Perplexity ladder: AR, BD3-LM, MDLM (Tiny Shakespeare, micro)",
@@ -111,14 +107,13 @@ def ladder_section(command: str, provenance) -> str:
         "are the per-block NELBO variance under the chosen interval and under [0, 1] at the "
         f"last search. Runs in `{root}`.",
         "",
-        "| run | step | nats/char | bits/char | ppl | clip | NELBO var clipped / unclipped | "
-        "steps/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | step | nats/char | bits/char | ppl | clip | NELBO var clipped / unclipped |",
+        "|---|---|---|---|---|---|---|",
         *lines_out,
         "",
         "Published ordering (LM1B, 65B tokens; not comparable data): AR 22.83 < BD3-LM L'=4 "
-        "28.23 < MDLM 31.78 perplexity. Wall time of this call per run (0 when reused): " +
-        ", ".join(f"{name} {wall:.0f} s" for name, wall in walls.items()) + ".",
+        "28.23 < MDLM 31.78 perplexity. Training speed is not reported here (other jobs may "
+        "share the machine while the ladder trains); see the throughput section.",
     ])
 
 
