@@ -18,11 +18,7 @@ x_t ⊕ x_0, L / 2 tokens per stream. Achieved TFLOP/s count only unmasked work:
 
 from __future__ import annotations
 
-import datetime
-import os
 import pathlib
-import platform
-import re
 import sys
 import time
 
@@ -33,6 +29,7 @@ from absl import app, flags
 
 from dlm.models.attention import attend
 from dlm.models.masks import MaskSpec
+from experiments import report
 from pallas_kernels import BlockSizes, block_sparse_attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,27 +54,6 @@ _CPU_SMOKE = flags.DEFINE_bool(
     "writes nothing (interpret-mode times are not performance figures).")
 
 IMPLS = ("pallas", "xla", "cudnn")
-
-
-def machine() -> str:
-    devices = jax.devices()
-    kind = devices[0].device_kind if devices else "?"
-    return (f"{len(devices)} x {kind} ({jax.default_backend()}), "
-            f"{platform.processor() or platform.machine()} host with {os.cpu_count()} cores, "
-            f"jax {jax.__version__}, Python {platform.python_version()}")
-
-
-def write_section(path: pathlib.Path, body: str) -> None:
-    """Replaces this benchmark's marked section of `path` (appended if missing)."""
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{body}\n{end}"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def _block_sizes(backend: str) -> BlockSizes | None:
@@ -238,13 +214,12 @@ def _aims(rows) -> list[str]:
 def section_body(rows, command: str, backend: str, dtype_name: str, tokens: int,
                  hidden: int, note: str | None = None) -> str:
     """The markdown of this benchmark's section (`note`, if given, right under the title)."""
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     sizes = _block_sizes(backend) or BlockSizes.default(backend)
     return "\n".join([
         "## Attention kernels: Pallas block-sparse vs dense-masked XLA vs cuDNN",
         "",
         *([f"**{note}**", ""] if note else []),
-        f"`{command}` — {machine()} — {date}",
+        report.provenance(command),
         "",
         f"{dtype_name} q, k, v [B, L, H, D] with B = {tokens} / L and H = {hidden} / D (K = "
         f"H); median of {_ITERS.value} calls after {_WARMUP.value} warm-up calls. `pallas` = "
@@ -296,8 +271,8 @@ def main(argv):
     rows = run_grid([int(x) for x in _LENGTHS.value], [int(x) for x in _HEAD_DIMS.value],
                     masks, backend, jnp.bfloat16, _TOKENS.value, _HIDDEN.value)
     out = ROOT / _OUT.value
-    write_section(out, section_body(rows, command, backend, "bfloat16", _TOKENS.value,
-                                    _HIDDEN.value))
+    body = section_body(rows, command, backend, "bfloat16", _TOKENS.value, _HIDDEN.value)
+    report.write_section(out, SECTION, body)
     print(f"wrote the '{SECTION}' section of {out}")
 
 

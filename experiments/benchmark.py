@@ -18,12 +18,9 @@ section records the command, the machine and the date. Figures are medians.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import pathlib
-import platform
-import re
 import resource
 import subprocess
 import sys
@@ -33,7 +30,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import block_benchmarks
+from experiments import block_benchmarks, report
 
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
                             "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost.")
@@ -75,22 +72,6 @@ _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "File whose sections are rewr
 _ONE = flags.DEFINE_string("one", None, "Internal: 'method:size' to measure and print.")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    import jax
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"model name\s*:\s*(.*)", f.read())
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    devices = jax.devices()
-    kind = devices[0].device_kind if devices else "?"
-    return (f"{cpu}, {os.cpu_count()} cores, {len(devices)} x {kind} ({jax.default_backend()}), "
-            f"jax {jax.__version__}, Python {platform.python_version()}")
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
@@ -189,7 +170,7 @@ def throughput_section(command: str) -> str:
     return "\n".join([
         "## Training throughput",
         "",
-        _provenance(command),
+        report.provenance(command),
         "",
         f"Batch {_BATCH.value} x {_SEQ_LEN.value} tokens, float32, character vocabulary "
         f"(Tiny Shakespeare); median of {_TIMED_STEPS.value} steps after compiling. FLOPs per "
@@ -226,7 +207,7 @@ def bpc_section(command: str) -> str:
     lines = [
         "## Validation bits per character: micro MDLM vs micro AR (Tiny Shakespeare)",
         "",
-        _provenance(command),
+        report.provenance(command),
         "",
         f"Both trained with their `configs/*.py:micro` settings for {_BPC_STEPS.value} steps "
         f"(batch 32 x {_BPC_SEQ_LEN.value} characters), scored on the whole validation split "
@@ -419,7 +400,7 @@ def sampling_section(command: str) -> str:
     return "\n".join([
         "## Sampling: speed and quality per sampler",
         "",
-        _provenance(command),
+        report.provenance(command),
         "",
         f"Micro MDLM (`{mdlm_dir}`, {mdlm_note}; checkpoint step {mdlm_run.step}) and micro AR "
         f"(`{ar_dir}`, {ar_note}; checkpoint step {ar_run.step}), Tiny Shakespeare "
@@ -457,22 +438,6 @@ def sampling_section(command: str) -> str:
     ])
 
 
-def _provenance(command: str) -> str:
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"`{command}` — {machine()} — {date}"
-
-
-def write_section(path: pathlib.Path, name: str, body: str) -> None:
-    """Replaces the section between `<!-- NAME -->` markers (appends it if missing)."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{body}\n{end}"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else \
-        text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv):
     del argv
     if _ONE.value:
@@ -482,14 +447,14 @@ def main(argv):
     command = "python -m experiments.benchmark " + " ".join(sys.argv[1:])
     suites = {"throughput": throughput_section, "bpc": bpc_section,
               "sampling": sampling_section,
-              "ladder": lambda c: block_benchmarks.ladder_section(c, _provenance),
-              "bd3lm_cost": lambda c: block_benchmarks.cost_section(c, _provenance)}
+              "ladder": lambda c: block_benchmarks.ladder_section(c),
+              "bd3lm_cost": lambda c: block_benchmarks.cost_section(c)}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")
     out = ROOT / _OUT.value
     for name in _SUITES.value:
-        write_section(out, name, suites[name](command.strip()))
+        report.write_section(out, name, suites[name](command.strip()))
         print(f"wrote the {name} section of {out}")
 
 

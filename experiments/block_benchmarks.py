@@ -20,6 +20,8 @@ import time
 
 from absl import flags
 
+from experiments import report
+
 _LADDER_STEPS = flags.DEFINE_integer("ladder_steps", 500, "Training steps of every `ladder` run.")
 _LADDER_SEQ_LEN = flags.DEFINE_integer("ladder_seq_len", 128, "Sequence length for `ladder`.")
 _LADDER_BLOCK_SIZES = flags.DEFINE_list("ladder_block_sizes", ["4", "8", "16"],
@@ -74,7 +76,7 @@ def _rows(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def ladder_section(command: str, provenance) -> str:
+def ladder_section(command: str) -> str:
     root = _ladder_root()
     lines_out = []
     for name, config, overrides in _ladder_runs():
@@ -95,7 +97,7 @@ def ladder_section(command: str, provenance) -> str:
     return "\n".join([
         "## Perplexity ladder: AR, BD3-LM, MDLM (Tiny Shakespeare, micro)",
         "",
-        provenance(command),
+        report.provenance(command),
         "",
         f"Every run: its `configs/*.py:micro` settings, {steps} steps from scratch, batch 32 x "
         f"{_LADDER_SEQ_LEN.value} characters, same seed and data order; scored on the whole "
@@ -127,7 +129,7 @@ def _cache_bytes(rule, network, length: int) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
 
 
-def cost_section(command: str, provenance) -> str:
+def cost_section(command: str) -> str:
     import jax
     import jax.numpy as jnp
 
@@ -182,7 +184,7 @@ def cost_section(command: str, provenance) -> str:
     return "\n".join([
         "## BD3-LM sampling cost vs generated length",
         "",
-        provenance(command),
+        report.provenance(command),
         "",
         f"Runs of the ladder (`{block_run}` and `{root / 'mdlm'}`), batch 1, no prompt, "
         "one sample per cell timed after compiling (compile excluded). `bd3lm`: first-hitting "

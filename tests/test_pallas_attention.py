@@ -27,6 +27,7 @@ from dlm.models.masks import MaskSpec
 from dlm.training import experiment
 from dlm.training import mesh as mesh_lib
 from dlm.training.step import make_train_step
+from experiments import report
 from pallas_kernels import BlockSizes, block_sparse_attention, make_plan, tile_visits
 from pallas_kernels.tiles import EMPTY, FULL, PARTIAL
 
@@ -357,11 +358,8 @@ def test_benchmark_refuses_cpu_and_replaces_only_its_section(tmp_path):
     assert not out.exists()
 
     out.write_text("# Benchmarks\n\n<!-- begin other -->\nkeep\n<!-- end other -->\n")
-    script = ("import pathlib, sys\n"
-              "from experiments.attention_benchmark import write_section\n"
-              "write_section(pathlib.Path(sys.argv[1]), 'first')\n"
-              "write_section(pathlib.Path(sys.argv[1]), 'second')\n")
-    subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=300)
+    report.write_section(out, "attention", "first")
+    report.write_section(out, "attention", "second")
     text = out.read_text()
     assert "keep" in text and "first" not in text
     assert text.count("<!-- begin attention -->\nsecond\n<!-- end attention -->") == 1
