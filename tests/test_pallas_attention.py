@@ -256,8 +256,6 @@ def test_unsupported_inputs_are_refused_clearly():
     q, k, v, _, _ = random_inputs(0, 1, 16, 16, 2, 1, 32, jnp.float32, False)
     with pytest.raises(ValueError, match="static int q_offset"):
         jax.jit(lambda off: block_sparse_attention(q, k, v, "causal", q_offset=off))(3)
-    with pytest.raises(NotImplementedError, match="impl='xla'"):
-        jax.jit(lambda off: attend(q, k, v, MaskSpec.causal(), q_offset=off, impl="pallas"))(3)
     with pytest.raises(ValueError, match="powers of two >= 16"):
         block_sparse_attention(q, k, v, "full", backend="gpu", block_sizes=BlockSizes(24, 32))
     with pytest.raises(ValueError, match="multiples of 128"):
