@@ -193,7 +193,8 @@ def cost_section(command: str) -> str:
         "training context (older blocks dropped), so every step costs the same and the time "
         "should double with the length (ratio 2). Without the cache every step is a full "
         "forward pass over the whole sequence; `mdlm` makes `length` full forward passes. "
-        "Both are quadratic (ratio 4 per doubling once the forward pass dominates).",
+        "Both make L calls that each cost at least linearly in L (MLP) and quadratically in "
+        "attention, so they grow between 4x and 8x per doubling.",
         "",
         header,
         "|---|" + "---|" * (len(lengths) + 1),
