@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
     config.process.update(dict(
         clip_min=0.0,
         clip_max=1.0,
-        clip_search_widths=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+        clip_search_widths=(0.5, 0.6, 0.7, 0.8, 0.9, 1.0),  # a tuple: overridable as "()"
         clip_search_step=0.1,
         search_batches=4,
     ))

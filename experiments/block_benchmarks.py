@@ -26,6 +26,8 @@ _LADDER_STEPS = flags.DEFINE_integer("ladder_steps", 500, "Training steps of eve
 _LADDER_SEQ_LEN = flags.DEFINE_integer("ladder_seq_len", 128, "Sequence length for `ladder`.")
 _LADDER_BLOCK_SIZES = flags.DEFINE_list("ladder_block_sizes", ["4", "8", "16"],
                                         "BD3-LM block sizes of the `ladder`.")
+_LADDER_UNCLIPPED = flags.DEFINE_integer(
+    "ladder_unclipped", 4, "Also train BD3-LM at this block size without clipping (0: no).")
 _LADDER_SEARCHES = flags.DEFINE_integer(
     "ladder_searches", 5, "Evaluations (and so clip searches) per `ladder` run.")
 _LADDER_WORKDIR = flags.DEFINE_string(
@@ -49,6 +51,10 @@ def _ladder_runs() -> list[tuple[str, str, dict]]:
     runs = [("ar", "configs/ar.py:micro", {})]
     runs += [(f"bd3lm_b{b}", "configs/bd3lm.py:micro", {"block_size": int(b)})
              for b in _LADDER_BLOCK_SIZES.value]
+    if _LADDER_UNCLIPPED.value:  # the same b without the clip search: t ~ U[t_min, 1]
+        b = _LADDER_UNCLIPPED.value
+        runs.append((f"bd3lm_b{b}_unclipped", "configs/bd3lm.py:micro",
+                     {"block_size": b, "process.clip_search_widths": "()"}))
     return runs + [("mdlm", "configs/mdlm.py:micro", {})]
 
 

@@ -154,7 +154,7 @@ def data_dir(tmp_path_factory):
 
 
 def _bd3_config(data_dir, **overrides):
-    settings = {"block_size": 4, "process.clip_search_widths": [0.5],
+    settings = {"block_size": 4, "process.clip_search_widths": (0.5,),
                 "process.clip_search_step": 0.5, "process.search_batches": 1}
     return small_config(data_dir, bd3lm, **{**settings, **overrides})
 
@@ -164,7 +164,7 @@ def _bd3_config(data_dir, **overrides):
     ("block_size", 0, "config.block_size=0 must be a positive int"),
     ("process.clip_min", -0.1, "0 <= clip_min < clip_max <= 1"),
     ("process.clip_max", 1.5, "0 <= clip_min < clip_max <= 1"),
-    ("process.clip_search_widths", [1.5], r"widths must lie in \(0, 1\]"),
+    ("process.clip_search_widths", (1.5,), r"widths must lie in \(0, 1\]"),
     ("model.time_conditioning", True, "model.time_conditioning must be False for bd3lm"),
     ("process.num_timesteps", 4, "process.num_timesteps must be 0 for bd3lm"),
 ])
