@@ -85,13 +85,19 @@ def restore_from_workdir(workdir, abstract_state, *, step: int | None = None):
     """
     checkpointer = Checkpointer(workdir, keep=1_000_000)  # reading only: never deletes
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.all_steps():
-            raise FileNotFoundError(f"no checkpoint {step} in {checkpointer.directory}; "
-                                    f"available: {checkpointer.all_steps()}")
+        step = _existing_step(checkpointer, step)
         return checkpointer.restore(step, abstract_state), step
     finally:
         checkpointer.close()
+
+
+def _existing_step(checkpointer: Checkpointer, step: int | None) -> int:
+    """`step`, or the latest when None; FileNotFoundError naming the available steps."""
+    step = checkpointer.latest_step() if step is None else step
+    if step is None or step not in checkpointer.all_steps():
+        raise FileNotFoundError(f"no checkpoint {step} in {checkpointer.directory}; "
+                                f"available: {checkpointer.all_steps()}")
+    return step
 
 
 def restore_fields(workdir, abstract_fields: dict, *, step: int | None = None
@@ -104,10 +110,7 @@ def restore_fields(workdir, abstract_fields: dict, *, step: int | None = None
     """
     checkpointer = Checkpointer(workdir, keep=1_000_000)  # reading only: never deletes
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.all_steps():
-            raise FileNotFoundError(f"no checkpoint {step} in {checkpointer.directory}; "
-                                    f"available: {checkpointer.all_steps()}")
+        step = _existing_step(checkpointer, step)
         path = checkpointer.directory / str(step) / "state"
     finally:
         checkpointer.close()
