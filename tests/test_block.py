@@ -122,7 +122,7 @@ def test_training_loss_uses_the_state_interval_and_nll_does_not():
     batch, rng = _batch(8, length), jax.random.PRNGKey(2)
     diffusion = block.BlockDiffusion(schedules.LogLinearSchedule(), MASK, block_size=4,
                                      clip=(0.3, 0.5))
-    state = diffusion.init_state()
+    state = diffusion.init_state(None)
     np.testing.assert_allclose(state["clip"], [0.3, 0.5])
     clipped, _ = diffusion.loss(fn, batch, rng, num_examples=8, state=state)
     unclipped, _ = diffusion.loss(fn, batch, rng, num_examples=8)

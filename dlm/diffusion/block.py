@@ -60,8 +60,10 @@ class BlockDiffusion:
 
     attention_kind: ClassVar[str] = "bd3lm"
 
-    def init_state(self) -> dict[str, jax.Array]:
-        """The process state: the training interval `clip`, float32 [2]."""
+    def init_state(self, source_params=None) -> dict[str, jax.Array]:
+        """The process state: the training interval `clip`, float32 [2] (whatever the
+        weights start from)."""
+        del source_params
         return {"clip": jnp.asarray(self.clip, jnp.float32)}
 
     def num_blocks(self, length: int) -> int:

@@ -4,10 +4,16 @@ A process (MDLM, BD3-LM, AR; later EDLM, SDTT) decides how tokens are corrupted,
 attention the network needs and how the loss is weighted. It never sees parameters: it
 calls the network through a `ModelFn` with params and dropout rng already bound.
 
-A process may also carry a small *process state* that training adapts and checkpoints
-(BD3-LM's clipped noise interval): `init_state()` returns it (no method: None), `loss`
-receives it as `state`, and an optional `search_state` recomputes it from validation
-batches at each evaluation (see `dlm.training.trainer`).
+A process may also carry a *process state* that training adapts and checkpoints: BD3-LM's
+clipped noise interval, or the frozen network a process trains against (EDLM-NCE's noise
+denoiser, SDTT's teacher). Three optional methods handle it (see `dlm.training.trainer`):
+- `init_state(source_params)` returns it (no method: None). `source_params` are the weights
+  of the run named by `config.init_from` in that run's own structure, or None: then the
+  state must still have its full structure (a placeholder), since checkpoints are restored
+  into it. `loss` receives the state as `state`.
+- `next_state(state, params, ema_params, step)`, inside the jitted train step after each
+  update (`step` counts the updates done), e.g. to swap a teacher for the student.
+- `search_state`, at each evaluation, recomputes it from validation batches.
 
 Batch layout (a dict):
   tokens      int32 [B, L]
@@ -67,10 +73,17 @@ class Process(Protocol):
         ...
 
 
-def initial_state(process: Process) -> Any:
-    """The process state a run starts from: `process.init_state()`, or None."""
+def initial_state(process: Process, source_params: Any = None) -> Any:
+    """The process state a run starts from: `process.init_state(source_params)`, or None."""
     init = getattr(process, "init_state", None)
-    return None if init is None else init()
+    return None if init is None else init(source_params)
+
+
+def next_state(process: Process, state: Any, params: Any, ema_params: Any,
+               step: jax.Array) -> Any:
+    """The process state after train step `step`: `process.next_state(...)`, or unchanged."""
+    advance = getattr(process, "next_state", None)
+    return state if advance is None else advance(state, params, ema_params, step)
 
 
 def example_keys(rng: jax.Array, example_id_B: jax.Array) -> jax.Array:

@@ -4,6 +4,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from dlm.models.dit import DiT
@@ -80,6 +81,13 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
     frozen = ml_collections.FrozenConfigDict(config)
     return MODELS[config.name](config=frozen, vocab_size=vocab_size)
+
+
+def init_params(module: nn.Module, seq_len: int, rng: jax.Array):
+    """Fresh parameters of `module` (any of MODELS) for sequences of `seq_len` tokens."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    t = jnp.ones((1,), jnp.float32)
+    return module.init({"params": rng}, tokens, t, train=False)["params"]
 
 
 def param_count(params) -> int:

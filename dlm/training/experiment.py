@@ -7,8 +7,8 @@ import functools
 import json
 import pathlib
 
+import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -20,6 +20,7 @@ from dlm.data import pipeline, tokenizers
 from dlm.diffusion import process as process_lib
 from dlm.evaluation import likelihood
 from dlm.models import configs as model_configs
+from dlm.training import checkpoint as checkpoint_lib
 from dlm.training import mesh as mesh_lib
 from dlm.training import optimizer as optimizer_lib
 from dlm.training import step as step_lib
@@ -66,11 +67,7 @@ class Experiment:
         config = self.config
         rng = jax.random.PRNGKey(config.seed)
         init_rng, state_rng = jax.random.split(rng)
-        tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-
-
-        t = jnp.ones((1,), jnp.float32)
-        params = self.model.init({"params": init_rng}, tokens, t, train=False)["params"]
+        params = model_configs.init_params(self.model, config.data.seq_len, init_rng)
         return TrainState.create(params, self.tx, state_rng,
                                  use_ema=config.optimizer.ema_decay > 0,
                                  process_state=process_lib.initial_state(self.process))
@@ -137,6 +134,46 @@ def save_run_files(experiment: Experiment, workdir: pathlib.Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / CONFIG_FILE).write_text(experiment.config.to_json_best_effort(indent=2))
     experiment.tokenizer.save(workdir / TOKENIZER_DIR)
+
+
+def load_weights(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh, *,
+                 step: int | None = None) -> tuple[dict, int]:
+    """(params, step): the weights of the run in `workdir` (its EMA when it kept one) in
+    that run's own structure, replicated over `mesh`; `step` defaults to the latest.
+
+    Raises FileNotFoundError when the workdir, its tokenizer or the checkpoint is missing.
+    """
+    workdir = pathlib.Path(workdir).expanduser().resolve()
+    config = load_config(workdir)
+    vocab_size = tokenizers.load_tokenizer(workdir / TOKENIZER_DIR).vocab_size
+    module = model_configs.build_model(config.model, vocab_size)
+    abstract = jax.eval_shape(functools.partial(
+        model_configs.init_params, module, int(config.data.seq_len)), jax.random.PRNGKey(0))
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    loaded, step = checkpoint_lib.restore_fields(
+        workdir, {"params": abstract, "ema_params": abstract}, step=step)
+    return (loaded["params"] if loaded["ema_params"] is None else loaded["ema_params"]), step
+
+
+def merge_params(target, source, *, source_name: str = "the source") -> tuple[dict, int]:
+    """(params, copied): `target` with every leaf that `source` has at the same path (and
+    shape) replaced by the source's; the others keep their value. Raises ValueError when a
+    shared path differs in shape or when no path is shared."""
+    target_flat = flax.traverse_util.flatten_dict(target, sep="/")
+    source_flat = flax.traverse_util.flatten_dict(source, sep="/")
+    for path in target_flat.keys() & source_flat.keys():
+        if target_flat[path].shape != source_flat[path].shape:
+            raise ValueError(
+                f"parameter {path} has shape {source_flat[path].shape} in {source_name} but "
+                f"{target_flat[path].shape} here: different model sizes or vocabularies")
+    shared = target_flat.keys() & source_flat.keys()
+    if not shared:
+        raise ValueError(f"{source_name} shares no parameter with this model "
+                         f"(its names: {sorted(source_flat)[:4]}...)")
+    merged = {path: source_flat.get(path, value) for path, value in target_flat.items()}
+    return flax.traverse_util.unflatten_dict(merged, sep="/"), len(shared)
 
 
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:

@@ -16,6 +16,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from dlm.diffusion import process as process_lib
 from dlm.training.state import TrainState
 
 DATA_AXIS = "data"
@@ -105,8 +106,10 @@ def make_train_step(model, process, tx, mesh, *, ema_decay: float, grad_accum_st
             "train/skipped": (~finite).astype(jnp.int32),
             "train/skipped_in_a_row": opt_state.notfinite_count,
         }
+        process_state = process_lib.next_state(process, state.process_state, params,
+                                               ema_params, state.step + 1)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_params)
+                                  ema_params=ema_params, process_state=process_state)
         return new_state, metrics
 
     if state_sharding is None:

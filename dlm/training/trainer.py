@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from dlm.data import pipeline
+from dlm.diffusion import process as process_lib
 from dlm.evaluation import likelihood
 from dlm.training import checkpoint as checkpoint_lib
 from dlm.training import experiment as experiment_lib
@@ -55,16 +56,22 @@ def _restore_or_init(exp, checkpointer, data_iterator):
         logging.info("resuming from %s/%d", checkpointer.directory, latest)
         return checkpointer.restore(latest, checkpoint_lib.abstract_like(state), data_iterator)
     if exp.config.init_from:
-        # Only the weights (the EMA when the source has one): the source may be another
-        # process (MDLM -> BD3-LM fine-tuning) whose optimizer or process state differs.
-        abstract = checkpoint_lib.abstract_like({"params": state.params,
-                                                 "ema_params": state.params})
-        loaded, step = checkpoint_lib.restore_fields(exp.config.init_from, abstract)
-        logging.info("initialised params from %s step %d", exp.config.init_from, step)
-        params = loaded["params"] if loaded["ema_params"] is None else loaded["ema_params"]
+        # The source's weights (its EMA when it kept one) in its own structure: it may be
+        # another process (MDLM -> BD3-LM, EDLM-NCE, SDTT) whose optimizer, process state or
+        # even network (EDLM's energy network) differs. Every parameter they share is copied;
+        # the process state (a teacher, a frozen denoiser) is built from the source's weights.
+        source, step = experiment_lib.load_weights(exp.config.init_from, exp.mesh)
+        params, copied = experiment_lib.merge_params(
+            state.params, source, source_name=f"init_from={exp.config.init_from}")
+        logging.info("initialised %d parameter arrays from %s step %d", copied,
+                     exp.config.init_from, step)
+        sharding = exp.state_sharding()
+        params = jax.device_put(params, sharding.params)
         ema = None if state.ema_params is None else params
-        state = state.replace(params=params, ema_params=ema,
-                              opt_state=exp.tx.init(params))
+        process_state = jax.device_put(process_lib.initial_state(exp.process, source),
+                                       sharding.process_state)
+        state = state.replace(params=params, ema_params=ema, opt_state=exp.tx.init(params),
+                              process_state=process_state)
     return state
 
 
