@@ -8,7 +8,7 @@ _CHOICES = {
     "data.name": ("tiny_shakespeare", "text_files", "text8_style", "text8", "lm1b", "openwebtext"),
     "data.tokenizer": ("char", "gpt2", "bpe"),
     "data.packing": ("wrap", "pad"),
-    "model.name": ("dit", "transformer"),
+    "model.name": ("dit", "transformer", "energy"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("xla", "pallas"),
     "process.name": ("mdlm", "bd3lm", "ar"),

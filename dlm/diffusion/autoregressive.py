@@ -56,9 +56,10 @@ class Autoregressive:
         return loss, {"loss_sum": loss_sum, "token_count": token_count}
 
     def nll(
-        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int
+        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int,
+        state=None,
     ) -> tuple[jax.Array, jax.Array]:
         """See `process.Process.nll`: the exact NLL of tokens 1..L-1, float32 [B] each."""
-        del rng, num_examples
+        del rng, num_examples, state
         nll_BL, target_mask_BL = self.token_losses(model_fn, batch)
         return jnp.sum(nll_BL, axis=-1), jnp.sum(target_mask_BL, axis=-1)

@@ -117,8 +117,10 @@ class BlockDiffusion:
         return loss, {"loss_sum": loss_sum, "token_count": token_count}
 
     def nll(self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *,
-            num_examples: int) -> tuple[jax.Array, jax.Array]:
-        """See `process.Process.nll`: one-sample unclipped NELBO estimates, float32 [B]."""
+            num_examples: int, state=None) -> tuple[jax.Array, jax.Array]:
+        """See `process.Process.nll`: one-sample unclipped NELBO estimates, float32 [B] (the
+        clip interval in `state` is for training only)."""
+        del state
         nll_sum_B = jnp.sum(self.token_losses(model_fn, batch, rng, num_examples), axis=-1)
         token_count_B = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
         return nll_sum_B, token_count_B

@@ -109,15 +109,21 @@ class MaskedDiffusion:
         unmask_prob_B = (mask_prob_t_B - self.schedule.mask_prob(s_B)) / mask_prob_t_B
         return self.num_timesteps * unmask_prob_B
 
+    def noised(self, batch: process.Batch, rng: jax.Array, num_examples: int
+               ) -> tuple[jax.Array, jax.Array]:
+        """(t_B, x_t_BL): the batch's stratified times and its tokens corrupted at them (what
+        `token_losses` scores; one draw per example, keyed by `example_id`)."""
+        example_id_B = batch["example_id"]
+        time_rng, mask_rng = jax.random.split(rng)
+        t_B = self.sample_times(time_rng, example_id_B, num_examples)
+        return t_B, self.corrupt(batch["tokens"], t_B, mask_rng, example_id_B)
+
     def token_losses(
         self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, num_examples: int
     ) -> jax.Array:
         """float32 [B, L]: per-token NELBO estimates; 0 at unmasked and padding positions."""
         tokens_BL = batch["tokens"]
-        example_id_B = batch["example_id"]
-        time_rng, mask_rng = jax.random.split(rng)
-        t_B = self.sample_times(time_rng, example_id_B, num_examples)
-        xt_BL = self.corrupt(tokens_BL, t_B, mask_rng, example_id_B)
+        t_B, xt_BL = self.noised(batch, rng, num_examples)
         log_probs_BLV = self.subs_log_probs(model_fn(xt_BL, t_B), xt_BL)
         log_p_BL = jnp.take_along_axis(log_probs_BLV, tokens_BL[..., None], axis=-1)[..., 0]
         loss_BL = -self.time_weight(t_B)[:, None] * log_p_BL
@@ -137,9 +143,11 @@ class MaskedDiffusion:
         return loss, {"loss_sum": loss_sum, "token_count": token_count}
 
     def nll(
-        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int
+        self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int,
+        state=None,
     ) -> tuple[jax.Array, jax.Array]:
         """See `process.Process.nll`: one-sample NELBO estimates per sequence, float32 [B]."""
+        del state
         nll_sum_B = jnp.sum(self.token_losses(model_fn, batch, rng, num_examples), axis=-1)
         token_count_B = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
         return nll_sum_B, token_count_B

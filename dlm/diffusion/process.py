@@ -63,9 +63,11 @@ class Process(Protocol):
         ...
 
     def nll(
-        self, model_fn: ModelFn, batch: Batch, rng: jax.Array, *, num_examples: int
+        self, model_fn: ModelFn, batch: Batch, rng: jax.Array, *, num_examples: int,
+        state: Any = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """Per-sequence negative log-likelihood in nats (an upper bound for diffusion).
+        """Per-sequence negative log-likelihood in nats (an upper bound for diffusion; an
+        estimate for EDLM), under the process state `state` (EDLM's frozen denoiser).
 
         Returns (nll_sum_B, token_count_B), both float32 [B]: the summed per-token NLL of
         each sequence and the number of tokens it was summed over.

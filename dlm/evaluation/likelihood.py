@@ -20,16 +20,18 @@ from jax.sharding import PartitionSpec as P
 from dlm.training.step import DATA_AXIS, model_fn
 
 
-def _per_device_nll(params, batch, rng, *, model, process, num_examples):
+def _per_device_nll(params, batch, rng, process_state, *, model, process, num_examples):
     fn = model_fn(model, params, train=False)
-    return process.nll(fn, batch, rng, num_examples=num_examples)
+    return process.nll(fn, batch, rng, num_examples=num_examples, state=process_state)
 
 
 def make_nll_fn(model, process, mesh, *, global_batch: int):
-    """Returns jitted `nll(params, batch, rng) -> (nll_sum_B, token_count_B)` over `mesh`."""
+    """Returns jitted `nll(params, batch, rng, process_state) -> (nll_sum_B, token_count_B)`
+    over `mesh` (`process_state`: the run's, e.g. EDLM's frozen denoiser; None for most)."""
     per_device = functools.partial(_per_device_nll, model=model, process=process,
                                    num_examples=global_batch)
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
+    return jax.jit(jax.shard_map(per_device, mesh=mesh,
+                                 in_specs=(P(), P(DATA_AXIS), P(), P()),
                                  out_specs=(P(DATA_AXIS), P(DATA_AXIS))))
 
 
@@ -61,12 +63,14 @@ def summarize(nll_sums: np.ndarray, token_counts: np.ndarray) -> dict[str, float
     }
 
 
-def evaluate(nll_fn, params, batches: Iterable[dict], *, seed: int) -> dict[str, float]:
-    """Scores every batch (global arrays) and returns `summarize` of all sequences."""
+def evaluate(nll_fn, params, batches: Iterable[dict], *, seed: int,
+             process_state=None) -> dict[str, float]:
+    """Scores every batch (global arrays) under the run's `process_state` and returns
+    `summarize` of all sequences."""
     rng = jax.random.PRNGKey(seed)
     sums, counts = [], []
     for index, batch in enumerate(batches):
-        nll, count = nll_fn(params, batch, jax.random.fold_in(rng, index))
+        nll, count = nll_fn(params, batch, jax.random.fold_in(rng, index), process_state)
         nll, count = multihost_utils.process_allgather((nll, count), tiled=True)
         sums.append(np.asarray(nll))
         counts.append(np.asarray(count))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dlm.models.dit import DiT
+from dlm.models.energy import EnergyNet
 from dlm.models.masks import MaskSpec, as_mask_spec
 from dlm.models.transformer import Transformer
 
@@ -18,10 +19,11 @@ SIZES = {
     "small": (768, 12, 12),
     "medium": (1024, 24, 16),
 }
-MODELS = {"dit": DiT, "transformer": Transformer}
+MODELS = {"dit": DiT, "transformer": Transformer, "energy": EnergyNet}
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "pallas")
-_DEFAULT_MASKS = {"dit": str(MaskSpec.full()), "transformer": str(MaskSpec.causal())}
+_DEFAULT_MASKS = {"dit": str(MaskSpec.full()), "transformer": str(MaskSpec.causal()),
+                  "energy": str(MaskSpec.full())}
 
 
 def model_config(size: str = "small", name: str = "dit") -> ml_collections.ConfigDict:

@@ -25,15 +25,16 @@ class NonFiniteError(RuntimeError):
 
 
 def evaluate_params(exp: experiment_lib.Experiment, params, *, split: str | None = None,
-                    num_batches: int | None = None) -> dict[str, float]:
-    """The likelihood metrics of `params` on `split` (default `config.eval.split`)."""
+                    num_batches: int | None = None, process_state=None) -> dict[str, float]:
+    """The likelihood metrics of `params` (under the run's `process_state`) on `split`
+    (default `config.eval.split`)."""
     config = exp.config
     batches = pipeline.eval_batches(
         config.data, exp.corpus, split or config.eval.split,
         num_batches=config.eval.num_batches if num_batches is None else num_batches)
     return likelihood.evaluate(exp.nll_fn, params,
                                (mesh_lib.global_batch(b, exp.mesh) for b in batches),
-                               seed=config.eval.seed)
+                               seed=config.eval.seed, process_state=process_state)
 
 
 def evaluate_workdir(workdir: str | pathlib.Path, split: str | None = None,
@@ -45,7 +46,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, split: str | None = None,
         workdir, checkpoint_lib.abstract_like(exp.init_state()), step=checkpoint_step)
     split = split or exp.config.eval.split
     metrics = evaluate_params(exp, state.eval_params(exp.config.eval.use_ema), split=split,
-                              num_batches=num_batches)
+                              num_batches=num_batches, process_state=state.process_state)
     return {"step": step, "split": split, **metrics}
 
 
@@ -114,7 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 writer.write(step, last)
             if step % config.eval_every == 0 or step == config.total_steps:
                 params = state.eval_params(config.eval.use_ema)
-                evaluation = evaluate_params(exp, params)
+                evaluation = evaluate_params(exp, params, process_state=state.process_state)
                 logging.info("step %d  eval %s", step, _fmt(evaluation))
                 writer.write(step, evaluation)
                 last.update(evaluation)
