@@ -30,6 +30,9 @@ _PROCESS_KEYS = ("schedule", "schedule_eps", "schedule_power", "t_min", "num_tim
 
 def model_section(model_config, vocab_size: int) -> dict:
     """config.json's "model": the architecture that the tensor names and shapes follow."""
+    if model_config.name not in _ARCHITECTURE_OF:
+        raise ValueError(f"model.name={model_config.name!r} cannot be exported; exportable: "
+                         f"{', '.join(_ARCHITECTURE_OF)}")
     return {
         "architecture": _ARCHITECTURE_OF[model_config.name],
         "hidden": int(model_config.hidden),

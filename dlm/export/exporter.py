@@ -99,7 +99,8 @@ def check_parity(out, fmt: str, module, params, export: Mapping[str, Any]) -> di
     import torch
 
     tokens_BL, t_B = parity_inputs(export)
-    ours = np.asarray(module.apply({"params": params}, tokens_BL, t_B, train=False))
+    apply = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, train=False))
+    ours = np.asarray(apply(params, tokens_BL, t_B))
     with torch.no_grad():
         if fmt == "torch":
             from dlm.export import torch_reference
