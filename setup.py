@@ -35,6 +35,6 @@ setuptools.setup(
             "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8",
         ],
-        "torch": ["torch==2.13.0", "safetensors>=0.4,<1"],
+        "torch": ["torch==2.13.0", "safetensors>=0.4,<1", "transformers>=5,<6"],
     },
 )
