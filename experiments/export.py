@@ -13,6 +13,7 @@ tokenizer. The EMA weights are exported when the run kept them (as evaluation us
 """
 
 import json
+import sys
 
 from absl import app, flags
 
@@ -39,17 +40,20 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if (_WORKDIR.value is None) == (_MDLM.value is None):
         raise app.UsageError("give exactly one of --workdir and --mdlm_weights")
-    if _MDLM.value is not None:
-        out = exporter.import_mdlm(_MDLM.value, _OUT.value, heads=_HEADS.value)
-        print(json.dumps({"format": "safetensors", "out": str(out), "imported": "mdlm"}))
-        return
     try:
         exporter.check_format(_FORMAT.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    summary = exporter.export_workdir(_WORKDIR.value, _OUT.value, _FORMAT.value,
-                                      checkpoint_step=_STEP.value, use_ema=_USE_EMA.value,
-                                      verify=_VERIFY.value)
+    try:
+        if _MDLM.value is not None:
+            out = exporter.import_mdlm(_MDLM.value, _OUT.value, heads=_HEADS.value)
+            summary = {"format": "safetensors", "out": str(out), "imported": "mdlm"}
+        else:
+            summary = exporter.export_workdir(
+                _WORKDIR.value, _OUT.value, _FORMAT.value, checkpoint_step=_STEP.value,
+                use_ema=_USE_EMA.value, verify=_VERIFY.value)
+    except (ValueError, FileNotFoundError) as e:  # bad input: its message says what is wrong
+        sys.exit(f"experiments.export: {e}")
     print(json.dumps(summary))
 
 

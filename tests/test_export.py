@@ -229,6 +229,9 @@ def test_mdlm_layout_imports_exactly(tmp_path):
     again = _logits(loaded.module, loaded.params, tokens_BL[:, :16], t_B)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(ours))
 
+    _run_cli([f"--mdlm_weights={file}", f"--out={tmp_path / 'cli'}"])
+    assert layout.read_config(tmp_path / "cli")["model"] == loaded.export["model"]
+
     def fails(state, match, **kwargs):
         with pytest.raises(ValueError, match=match):
             exporter.import_mdlm(state, tmp_path / "bad", **kwargs)
@@ -373,3 +376,5 @@ def test_export_command_on_a_workdir(tmp_path, capsys):
         _run_cli([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'x'}", "--format=onnx"])
     with pytest.raises(app.UsageError, match=r"exactly one of --workdir and --mdlm_weights"):
         _run_cli([f"--out={tmp_path / 'x'}"])
+    with pytest.raises(SystemExit, match=r"experiments.export: .*config.json"):
+        _run_cli([f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'x'}"])

@@ -95,24 +95,27 @@ def logit_errors(ours, theirs) -> dict:
 
 def check_parity(out, fmt: str, module, params, export: Mapping[str, Any]) -> dict:
     """Runs the exported folder (torch reference or transformers) and dlm on one random batch;
-    returns `logit_errors` of the exported model against dlm."""
+    returns `logit_errors` of the exported model against dlm, and the mask used."""
     import torch
 
     tokens_BL, t_B = parity_inputs(export)
-    apply = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, train=False))
+    # A block diffusion network is checked under the mask it samples with (block_causal:b).
+    mask = (export.get("process") or {}).get("sampling_mask") if fmt == "torch" else None
+    apply = jax.jit(lambda p, x, t: module.apply({"params": p}, x, t, train=False, mask=mask))
     ours = np.asarray(apply(params, tokens_BL, t_B))
     with torch.no_grad():
         if fmt == "torch":
             from dlm.export import torch_reference
 
             model = torch_reference.load(out)
-            theirs = model(torch.from_numpy(tokens_BL).long(), torch.from_numpy(t_B)).numpy()
+            theirs = model(torch.from_numpy(tokens_BL).long(), torch.from_numpy(t_B),
+                           mask=mask).numpy()
         else:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
             theirs = model(torch.from_numpy(tokens_BL).long()).logits.float().numpy()
-    return logit_errors(theirs, ours)
+    return {**logit_errors(theirs, ours), "parity_mask": mask or export["model"]["mask"]}
 
 
 def import_mdlm(source, out, *, heads: int | None = None, seq_len: int = 1024) -> pathlib.Path:
