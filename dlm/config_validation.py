@@ -11,12 +11,13 @@ _CHOICES = {
     "model.name": ("dit", "transformer", "energy"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention_impl": ("xla", "pallas"),
-    "process.name": ("mdlm", "bd3lm", "ar"),
+    "process.name": ("mdlm", "bd3lm", "ar", "sdtt", "edlm_nce"),
     "process.schedule": ("loglinear", "linear", "cosine", "polynomial"),
     "optimizer.schedule": ("constant", "cosine"),
 }
 # The network each process needs (its attention mask is part of the network).
-_PROCESS_MODEL = {"mdlm": "dit", "bd3lm": "dit", "ar": "transformer"}
+_PROCESS_MODEL = {"mdlm": "dit", "bd3lm": "dit", "ar": "transformer", "sdtt": "dit",
+                  "edlm_nce": "energy"}
 
 _POSITIVE_INTS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints", "max_consecutive_nonfinite", "data.seq_len",
@@ -48,6 +49,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.name != want:
         raise ValueError(f"config.process.name={config.process.name!r} needs "
                          f"config.model.name={want!r}, got {config.model.name!r}")
+    if config.process.name == "sdtt":
+        from dlm.diffusion import distill  # lazy: keeps config checks light
+
+        distill.check_config(config)
     accum = config.optimizer.grad_accum_steps
     if config.data.batch_size % accum:
         raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by "

@@ -2,14 +2,15 @@ r"""Samples from a trained run and scores the samples.
 
     python -m experiments.sample --workdir=DIR --sampler=NAME --num_samples=N --length=L \
         [--steps=S] [--prompt=TEXT] [--seed=N] [--judge_workdir=DIR] \
-        [--sampler_config.KEY=VALUE ...] --out=FILE.jsonl
+        [--energy_workdir=DIR] [--sampler_config.KEY=VALUE ...] --out=FILE.jsonl
 
 Writes one JSON object per sample (`text`, `tokens` (the whole sequence, prompt included),
 `prompt_tokens`, `nfe`, `seconds`: its batch's sampling time divided by the batch size) and
 prints one summary line (`sampler`, `num_samples`, `tokens_per_second`, `mean_nfe`,
 `entropy`, `compile_seconds`, and `gen_ppl` with a judge). `--sampler_config.KEY=VALUE` sets
 any option of the sampler (see `dlm.sampling.recipes`), e.g. `--sampler_config.threshold=0.8`.
-An AR run without a prompt starts from the tokenizer's BOS.
+An AR run without a prompt starts from the tokenizer's BOS. `--sampler=edlm` needs
+`--energy_workdir`: an AR run (EDLM-AR) or an EDLM-NCE run, with the same tokenizer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 from absl import app, flags
 
 from dlm.sampling import drawing, recipes
+from dlm.training import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to sample from.")
 _SAMPLER = flags.DEFINE_string("sampler", "mdlm", f"One of {', '.join(recipes.SAMPLERS)}.")
@@ -33,12 +35,16 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Samples drawn together.")
 _JUDGE = flags.DEFINE_string("judge_workdir", None,
                              "An AR run (same tokenizer) to score generative perplexity.")
+_ENERGY = flags.DEFINE_string("energy_workdir", None,
+                              "The energy of --sampler=edlm: an AR run (EDLM-AR) or an "
+                              "EDLM-NCE run (configs/edlm.py), same tokenizer as --workdir.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the samples (JSON lines).")
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Checkpoint to load (default: latest).")
 _USE_EMA = flags.DEFINE_bool("use_ema", None,
                              "Sample with the EMA weights (default: the run's eval.use_ema).")
 flags.mark_flags_as_required(["workdir", "out"])
+distributed.define_flags()
 
 SAMPLER_CONFIG_PREFIX = "--sampler_config."
 
@@ -71,12 +77,15 @@ def main(parsed):
     argv, overrides = parsed
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize_from_flags()
     summary = drawing.sample_to_file(
         _WORKDIR.value, _SAMPLER.value, _OUT.value, num_samples=_NUM_SAMPLES.value,
         length=_LENGTH.value, steps=_STEPS.value, prompt=_PROMPT.value, seed=_SEED.value,
         batch_size=_BATCH_SIZE.value, judge_workdir=_JUDGE.value, overrides=overrides,
-        checkpoint_step=_CHECKPOINT_STEP.value, use_ema=_USE_EMA.value)
-    print(json.dumps(summary))
+        checkpoint_step=_CHECKPOINT_STEP.value, use_ema=_USE_EMA.value,
+        energy_workdir=_ENERGY.value)
+    if distributed.is_main_process():
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

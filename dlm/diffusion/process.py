@@ -14,6 +14,8 @@ denoiser, SDTT's teacher). Three optional methods handle it (see `dlm.training.t
 - `next_state(state, params, ema_params, step)`, inside the jitted train step after each
   update (`step` counts the updates done), e.g. to swap a teacher for the student.
 - `search_state`, at each evaluation, recomputes it from validation batches.
+- `round_checkpoint_name(step)` (host side), for processes trained in rounds: a name when
+  train step `step` ends a round; the trainer then keeps that state as WORKDIR/rounds/NAME.
 
 Batch layout (a dict):
   tokens      int32 [B, L]
@@ -39,7 +41,7 @@ ModelFn = Callable[..., jax.Array]
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-PROCESSES = ("mdlm", "bd3lm", "ar")
+PROCESSES = ("mdlm", "bd3lm", "ar", "sdtt", "edlm_nce")
 ATTENTION_KINDS = ("full", "causal", "bd3lm")
 
 
@@ -88,6 +90,13 @@ def next_state(process: Process, state: Any, params: Any, ema_params: Any,
     return state if advance is None else advance(state, params, ema_params, step)
 
 
+def round_checkpoint_name(process: Process, step: int) -> str | None:
+    """For a process trained in rounds (SDTT): the name under which the state after train step
+    `step` is kept when that step ends a round (`process.round_checkpoint_name`), else None."""
+    name_of = getattr(process, "round_checkpoint_name", None)
+    return None if name_of is None else name_of(step)
+
+
 def example_keys(rng: jax.Array, example_id_B: jax.Array) -> jax.Array:
     """One key per example, fold_in(rng, example_id); shape [B] (typed) or [B, 2] (raw)."""
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, example_id_B)
@@ -101,13 +110,14 @@ def exclude_token(logits_BLV: jax.Array, token_id: int) -> jax.Array:
 
 
 def make_process(config, *, vocab_size: int | None = None) -> Process:
-    """The process named by `config.process.name` ('mdlm', 'bd3lm' or 'ar').
+    """The process named by `config.process.name` ('mdlm', 'bd3lm', 'ar', 'sdtt' or
+    'edlm_nce').
 
     `vocab_size` (V, including the mask token, mask_id = V - 1) defaults to
     `config.model.vocab_size`. Raises ValueError naming the offending config key.
     """
     # Imported here: these modules import this one.
-    from dlm.diffusion import autoregressive, block, masked, schedules
+    from dlm.diffusion import autoregressive, block, distill, energy, masked, schedules
 
     name = config.process.get("name", None)
     if name not in PROCESSES:
@@ -131,9 +141,17 @@ def make_process(config, *, vocab_size: int | None = None) -> Process:
         )
     if name == "bd3lm":
         return block.from_config(config, schedules.make_schedule(config), mask_id, t_min)
-    return masked.MaskedDiffusion(
+    base = masked.MaskedDiffusion(
         schedule=schedules.make_schedule(config),
         mask_id=mask_id,
         t_min=t_min,
         num_timesteps=num_timesteps,
     )
+    if name == "sdtt":  # MDLM distilled by its own teacher network
+        from dlm.models import configs as model_configs
+
+        return distill.from_config(config, base,
+                                   model_configs.build_model(config.model, vocab_size))
+    if name == "edlm_nce":  # an energy network trained against a frozen MDLM denoiser
+        return energy.from_config(config, base, vocab_size)
+    return base

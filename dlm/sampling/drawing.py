@@ -16,6 +16,7 @@ import numpy as np
 from dlm import sampling
 from dlm.evaluation import generative
 from dlm.sampling import engine, loading, recipes
+from dlm.training import distributed
 
 
 def make_sampler(name: str, steps: int | None = None, overrides: dict | None = None):
@@ -33,6 +34,9 @@ def check_compatible(sampler, run: loading.RunFiles, judge: loading.RunFiles | N
                      ) -> None:
     """Raises ValueError when the sampler does not fit the run's network, or the judge is not
     a causal model with the same tokenizer."""
+    if run.is_energy:
+        raise ValueError(f"{run.workdir} is an EDLM energy run, not a sampler: pass it as "
+                         "--energy_workdir with --sampler=edlm and --workdir=<its MDLM run>")
     wants_ar = sampler.name in recipes.AUTOREGRESSIVE
     wants_block = sampler.name in recipes.BLOCK
     if wants_ar != run.is_autoregressive or wants_block != run.is_block:
@@ -90,6 +94,7 @@ def draw(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: st
         prompt_ids, batch_size, length, run.network.vocab.mask_id)
     prefix_len = engine.static_prefix(sampler, prompt_len)
     sharding = loading.batch_sharding(run, batch_size)
+    known_host_BL = known_BL  # numpy: the device copy may be split over processes
     tokens_BL, known_BL = (jax.device_put(x, sharding) for x in (tokens_BL, known_BL))
     rng = jax.random.PRNGKey(seed)
     start = time.perf_counter()
@@ -103,7 +108,7 @@ def draw(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: st
         out = jax.block_until_ready(sample_fn(run.params, tokens_BL, known_BL,
                                               jax.random.fold_in(rng, index)))
         seconds.append(time.perf_counter() - start)
-        outputs.append(jax.device_get(out))
+        outputs.append(distributed.fetch(out))
     tokens = np.concatenate([o.tokens_BL for o in outputs])[:num_samples]
     nfe = np.concatenate([o.nfe_B for o in outputs])[:num_samples]
     per_sample_seconds = np.repeat(np.array(seconds) / batch_size, batch_size)[:num_samples]
@@ -112,8 +117,8 @@ def draw(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: st
     stop = sampler.stop
     scored = generative.scored_mask(
         tokens, mask_id=run.network.vocab.mask_id, pad_id=tokenizer.pad_id,
-        end_id=tokenizer.eos_id if stop.at_eos else None, start_BL=~np.asarray(known_BL)[:1])
-    generated = scored & ~np.asarray(known_BL)[:1]
+        end_id=tokenizer.eos_id if stop.at_eos else None, start_BL=~known_host_BL[:1])
+    generated = scored & ~known_host_BL[:1]
     records = [{
         "text": tokenizer.decode(row[keep]),
         "tokens": row.tolist(),
@@ -144,10 +149,14 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
                    length: int | None = None, steps: int | None = None, prompt: str = "",
                    seed: int = 0, batch_size: int = 16, judge_workdir: str | None = None,
                    overrides: dict | None = None, checkpoint_step: int | None = None,
-                   use_ema: bool | None = None) -> dict:
+                   use_ema: bool | None = None, energy_workdir: str | None = None) -> dict:
     """The command line as a function: writes `out` (JSON lines), returns the summary."""
     # Every check that needs no weights comes before loading them.
     sampler = make_sampler(sampler_name, steps, overrides)
+    wants_energy = sampler.name in recipes.ENERGY
+    if wants_energy != bool(energy_workdir):
+        raise ValueError(f"sampler {sampler_name!r} needs --energy_workdir" if wants_energy
+                         else f"--energy_workdir is only for {', '.join(recipes.ENERGY)}")
     files = loading.read_run(workdir)
     judge_files = loading.read_run(judge_workdir) if judge_workdir else None
     check_compatible(sampler, files, judge_files)
@@ -155,14 +164,17 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
     prompt_tokens(files, prompt, length)
     check_length(files, length)
     run = loading.load_run(files, checkpoint_step, use_ema)
+    if energy_workdir:
+        run = loading.with_energy(run, loading.load_run(energy_workdir))
     judge = loading.load_run(judge_files) if judge_files else None
     records, summary = draw(run, sampler, num_samples=num_samples, length=length,
                             prompt=prompt, seed=seed, batch_size=batch_size, judge=judge)
-    path = pathlib.Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    if distributed.is_main_process():  # every process drew the same samples
+        path = pathlib.Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
     return summary
 
 

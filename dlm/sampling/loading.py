@@ -49,6 +49,11 @@ class RunFiles:
         size = self.config.get("block_size", None) or self.config.process.get("block_size", None)
         return None if size is None else int(size)
 
+    @property
+    def is_energy(self) -> bool:
+        """Whether it is an EDLM-NCE energy run (an energy for `edlm`, not a sampler)."""
+        return self.config.process.name == "edlm_nce"
+
     def tokenizer_state(self) -> dict:
         """The saved tokenizer file's content, for comparing two runs' tokenizers."""
         path = self.workdir / experiment.TOKENIZER_DIR / tokenizers.TOKENIZER_FILE
@@ -100,6 +105,30 @@ def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = N
                network=networks.from_flax(module, process, files.tokenizer,
                                           context_len=int(config.data.seq_len)),
                params=state.eval_params(use_ema), mesh=mesh, step=int(step))
+
+
+def with_energy(run: Run, energy_run: Run) -> Run:
+    """`run` (a masked diffusion run) corrected by the energy of `energy_run`: an AR run
+    (EDLM-AR) or an EDLM-NCE run. Its network is an EnergyDenoiser and its params
+    {"denoiser", "energy"}. Raises ValueError for any other pair."""
+    from dlm.diffusion import energy as energy_lib
+
+    if run.is_autoregressive or run.is_block or run.is_energy:
+        raise ValueError(f"{run.workdir} is not a masked diffusion run: the edlm sampler "
+                         "corrects an MDLM denoiser")
+    if energy_run.is_autoregressive:
+        energy = energy_lib.ARResidualEnergy(energy_run.module)
+    elif energy_run.is_energy:
+        energy = energy_lib.LearnedEnergy(energy_run.module)
+    else:
+        raise ValueError(f"the energy {energy_run.workdir} is neither an AR run nor an "
+                         "EDLM-NCE run (configs/edlm.py)")
+    if energy_run.tokenizer_state() != run.tokenizer_state():
+        raise ValueError(f"the energy {energy_run.workdir} uses another tokenizer than "
+                         f"{run.workdir}")
+    return dataclasses.replace(
+        run, network=networks.EnergyDenoiser(run.network, energy),
+        params={"denoiser": run.params, "energy": energy_run.params})
 
 
 def batch_sharding(run: Run, batch_size: int):

@@ -95,6 +95,29 @@ class BlockDenoiser:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnergyDenoiser:
+    """A masked denoiser corrected by a sequence-level energy (EDLM): params are
+    {"denoiser": ..., "energy": ...}.
+
+    Attributes:
+      denoiser: the masked-diffusion network.
+      energy: hashable `(params, x0_BL, xt_BL, t_B, log_p_BL, mask_id) -> E_B` (see
+        `dlm.diffusion.energy.Energy`): low energy = more likely.
+    """
+
+    denoiser: Denoiser
+    energy: Callable[..., jax.Array]
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.denoiser.vocab
+
+    @property
+    def schedule(self) -> schedules.Schedule:
+        return self.denoiser.schedule
+
+
+@dataclasses.dataclass(frozen=True)
 class _FlaxDenoise:
     module: Any  # flax.linen.Module (hashable by value)
 

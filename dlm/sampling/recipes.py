@@ -16,6 +16,7 @@ import inspect
 from dlm.sampling import categorical, scores, select, times, transforms
 from dlm.sampling.autoregressive import NextToken
 from dlm.sampling.blocks import BlockUnmask
+from dlm.sampling.energy import ImportanceUnmask
 from dlm.sampling.engine import Sampler
 from dlm.sampling.stop import Stop
 from dlm.sampling.unmask import Unmask
@@ -129,6 +130,32 @@ def ar(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    Stop(stop_at_eos, eos_fill))
 
 
+def edlm(num_candidates: int = 4, window_low: float = 0.0, window_high: float = 1.0,
+         energy_temperature: float = 1.0, steps: int | None = None, eps: float = 1e-5,
+         noise_removal: bool = True, temperature: float = 1.0, top_k: int = 0,
+         top_p: float = 1.0, gumbel_dtype: str | None = None, stop_at_eos: bool = False,
+         eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
+    """EDLM (Xu et al., 2024): MDLM's ancestral sampler (the options after
+    `energy_temperature` are `mdlm`'s) whose steps with window_low <= t <= window_high draw
+    `num_candidates` full sequences from the denoiser, resample one with probability
+    proportional to exp(-E / energy_temperature) under the network's energy (EDLM-AR or
+    EDLM-NCE) and reveal positions towards it. num_candidates=1 is `mdlm` exactly."""
+    _check_positive("num_candidates", num_candidates, allow_none=False)
+    if not 0.0 <= window_low <= window_high <= 1.0:
+        raise ValueError(f"window_low={window_low}, window_high={window_high}: need "
+                         "0 <= window_low <= window_high <= 1")
+    if not energy_temperature > 0:
+        raise ValueError(f"energy_temperature={energy_temperature} must be > 0")
+    base = mdlm(steps=steps, eps=eps, noise_removal=noise_removal, temperature=temperature,
+                top_k=top_k, top_p=top_p, gumbel_dtype=gumbel_dtype, stop_at_eos=stop_at_eos,
+                eos_fill=eos_fill, suppress_eos=suppress_eos)
+    rule = ImportanceUnmask(base.rule, num_candidates=num_candidates,
+                            window=(float(window_low), float(window_high)),
+                            energy_temperature=float(energy_temperature),
+                            gumbel_dtype=gumbel_dtype)
+    return Sampler("edlm", rule, base.stop)
+
+
 BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")
 
 
@@ -195,11 +222,14 @@ SAMPLERS = {
     "fast_dllm": fast_dllm,
     "ar": ar,
     "bd3lm": bd3lm,
+    "edlm": edlm,
 }
 # The recipes that need a causal network, and those that need a block diffusion network
 # (a BlockDenoiser); the others need a masked denoiser.
 AUTOREGRESSIVE = ("ar",)
 BLOCK = ("bd3lm",)
+# The recipes that need a denoiser with an energy (an EnergyDenoiser).
+ENERGY = ("edlm",)
 
 
 def options(name: str) -> dict:

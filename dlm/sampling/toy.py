@@ -130,3 +130,24 @@ def tv_bound(probs_K: np.ndarray, num_samples: int, delta: float = 1e-4) -> floa
     probs_K = np.asarray(probs_K, np.float64)
     mean = 0.5 * np.sum(np.sqrt(probs_K * (1.0 - probs_K) / num_samples))
     return float(mean + np.sqrt(np.log(1.0 / delta) / (2.0 * num_samples)))
+
+
+class JointResidualEnergy:
+    """The exact EDLM energy of a JointDenoiser: E = -log p(x_0 | x_t) + log p_theta(x_0 | x_t)
+    under the joint (params: the log-joint), so p_theta exp(-E) is the joint's conditional.
+    +inf for candidates the joint rules out. Hashed by identity."""
+
+    def __init__(self, vocab_size: int, length: int):
+        self.vocab_size, self.length = vocab_size, length
+        self.seqs_KL = all_sequences(vocab_size, length)
+
+    def __call__(self, log_joint_K, x0_BL, xt_BL, t_B, log_p_BL, mask_id):
+        del t_B
+        index_B = jnp.zeros(x0_BL.shape[0], jnp.int32)
+        for column in range(self.length):
+            index_B = index_B * self.vocab_size + x0_BL[:, column]
+        fixed_BKL = (xt_BL[:, None, :] == self.seqs_KL[None]) | (xt_BL[:, None, :] == mask_id)
+        consistent_BK = jnp.all(fixed_BKL, axis=-1)
+        log_norm_B = jax.nn.logsumexp(jnp.where(consistent_BK, log_joint_K, -jnp.inf), axis=-1)
+        log_p_joint_B = log_joint_K[index_B] - log_norm_B
+        return jnp.sum(log_p_BL, axis=-1) - log_p_joint_B

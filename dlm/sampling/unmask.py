@@ -82,18 +82,21 @@ class Unmask:
         return self.update(network, state, logits_BLV, key)
 
     def update(self, network, state: SamplerState, logits_BLV: jax.Array,
-               key: jax.Array) -> SamplerState:
+               key: jax.Array, propose=None) -> SamplerState:
         """Everything in a step after the network call: propose, score, select, commit and
         advance t. `logits_BLV` [B, L, V] are the network's for `state.tokens_BL`; `state.step`
         counts the steps of the sampling being done (a block sampler passes a block's
-        sub-state and the step within the block). Returns the state after the commits.
+        sub-state and the step within the block). `propose(log_probs_BLV, key) -> tokens_BL`
+        replaces `self.proposal` (EDLM's importance resampling of full candidates); it gets
+        the transformed log-probabilities and the key the proposal would have used. Returns
+        the state after the commits.
         """
         vocab = network.vocab
         length = state.tokens_BL.shape[1]
         time_key, proposal_key, score_key, select_key = jax.random.split(key, 4)
         open_BL = state.open_BL(vocab.mask_id)
         log_probs_BLV = transforms.log_probs(logits_BLV, self.transforms, vocab)
-        proposed_BL = self.proposal(log_probs_BLV, proposal_key)
+        proposed_BL = (propose or self.proposal)(log_probs_BLV, proposal_key)
         if self.final_greedy:
             is_last = state.step == self.max_steps(length) - 1
             proposed_BL = jnp.where(is_last, jnp.argmax(log_probs_BLV, -1), proposed_BL)

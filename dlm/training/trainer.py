@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -17,11 +18,25 @@ from dlm.training import experiment as experiment_lib
 from dlm.training import mesh as mesh_lib
 from dlm.training import metrics as metrics_lib
 from dlm.training import optimizer as optimizer_lib
+from dlm.training import preemption
 from dlm.training.step import make_train_step
+
+# Where a process trained in rounds keeps each round's state: WORKDIR/rounds/<name>.
+ROUNDS_DIR = "rounds"
 
 
 class NonFiniteError(RuntimeError):
     """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Preempted(Exception):
+    """Training stopped before `config.total_steps` (SIGTERM or the time budget) after every
+    process saved checkpoint `step` together; training the same workdir again resumes."""
+
+    def __init__(self, step: int, reason: str, metrics: dict):
+        super().__init__(f"stopped at step {step} ({reason}); checkpoint {step} saved: run "
+                         "again to resume")
+        self.step, self.reason, self.metrics = step, reason, metrics
 
 
 def evaluate_params(exp: experiment_lib.Experiment, params, *, split: str | None = None,
@@ -66,21 +81,27 @@ def _restore_or_init(exp, checkpointer, data_iterator):
             state.params, source, source_name=f"init_from={exp.config.init_from}")
         logging.info("initialised %d parameter arrays from %s step %d", copied,
                      exp.config.init_from, step)
+        # Copies: the train step donates the state, and no two of its leaves may share a
+        # buffer (params, EMA and a teacher all start from the source's arrays).
         sharding = exp.state_sharding()
-        params = jax.device_put(params, sharding.params)
-        ema = None if state.ema_params is None else params
+        params = jax.device_put(params, sharding.params, may_alias=False)
+        ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
         process_state = jax.device_put(process_lib.initial_state(exp.process, source),
-                                       sharding.process_state)
+                                       sharding.process_state, may_alias=False)
         state = state.replace(params=params, ema_params=ema, opt_state=exp.tx.init(params),
                               process_state=process_state)
     return state
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          time_budget: float | None = None) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir` to `config.total_steps`.
 
-    Returns the last logged train metrics merged with the last evaluation.
+    Returns the last logged train metrics merged with the last evaluation. On SIGTERM, or
+    `time_budget` seconds after the call, every process finishes its step, the checkpoint
+    of that step is saved and `Preempted` is raised (see `dlm.training.preemption`).
     """
+    stop = preemption.StopRequest(time_budget)  # the budget's clock starts now
     metrics_lib.quiet_library_logs()
     workdir = pathlib.Path(workdir).expanduser().resolve()
     exp = experiment_lib.build(config)
@@ -99,7 +120,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     start = int(state.step)
     progress = metrics_lib.Progress(start, config.total_steps)
     pending, window, last = None, [], {}
+    stopped = None
     try:
+        stop.install(exp.mesh)
         for step in range(start + 1, config.total_steps + 1):
             batch = mesh_lib.global_batch(next(data_iterator), exp.mesh)
             state, metrics = step_fn(state, batch)
@@ -125,12 +148,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                     logging.info("step %d  process state search %s", step, _fmt(searched[1]))
                     writer.write(step, searched[1])
                     last.update(searched[1])
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
+            # The same answer on every process; a stop at the last step is just the end.
+            stopped = stop.poll() if step < config.total_steps else None
+            if stopped and pending is not None:  # log the steps since the last log line
+                window.append(_check_finite(jax.device_get(pending), config))
+                pending = None
+                last = _log_window(window, step, progress, schedule, config)
+                window = []
+                writer.write(step, last)
+            if step % config.checkpoint_every == 0 or step == config.total_steps or stopped:
                 checkpointer.save(step, state, data_iterator)
+            round_name = process_lib.round_checkpoint_name(exp.process, step)
+            if round_name is not None:
+                _keep_round(exp, workdir / ROUNDS_DIR / round_name, step, state)
+            if stopped:
+                logging.warning("step %d: %s, checkpoint saved; stopping (run again to resume)",
+                                step, stopped)
+                break
     finally:
+        stop.uninstall()
         checkpointer.close()
         writer.close()
+    if stopped:
+        raise Preempted(step, stopped, last)
     return last
+
+
+def _keep_round(exp, directory: pathlib.Path, step: int, state) -> None:
+    """Keeps the state that ends a round of a process trained in rounds (SDTT: a student) as
+    a run of its own: DIRECTORY/config.json, tokenizer/ and checkpoints/STEP, which evaluate
+    and sample load like any workdir. Written synchronously (the next step donates `state`);
+    a resumed run that finds the step already there leaves it."""
+    experiment_lib.save_run_files(exp, directory)
+    keeper = checkpoint_lib.Checkpointer(directory, keep=1, asynchronous=False)
+    try:
+        if step not in keeper.all_steps():
+            keeper.save(step, state, None)
+    finally:
+        keeper.close()
+    logging.info("step %d  kept the round's state in %s", step, directory)
 
 
 def _check_finite(metrics: dict, config) -> dict:
