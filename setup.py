@@ -34,6 +34,7 @@ setuptools.setup(
             "nbclient>=0.10,<1",
             "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8",
+            "matplotlib>=3.8,<4",
         ],
         "torch": ["torch==2.13.0", "safetensors>=0.4,<1", "transformers>=5,<6"],
     },
