@@ -378,3 +378,12 @@ def test_export_command_on_a_workdir(tmp_path, capsys):
         _run_cli([f"--out={tmp_path / 'x'}"])
     with pytest.raises(SystemExit, match=r"experiments.export: .*config.json"):
         _run_cli([f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'x'}"])
+    # A workdir whose config says 3 layers where its checkpoint has 2.
+    config_file = tmp_path / "run" / experiment.CONFIG_FILE
+    config = json.loads(config_file.read_text())
+    config["model"]["layers"] = 3
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"(?s)the checkpoint does not match its config\.json "
+                                         r"\(architecture=transformer, hidden=32, layers=3.*"
+                                         r"params\.blocks_2"):
+        exporter.export_workdir(tmp_path / "run", tmp_path / "x")

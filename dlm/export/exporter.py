@@ -48,7 +48,13 @@ def export_workdir(workdir, out, fmt: str = "safetensors", *, checkpoint_step: i
                                          files.tokenizer)
     if fmt == "hf":
         hf._check_causal(export_probe)  # refuse before restoring the checkpoint
-    run = loading.load_run(files, step=checkpoint_step, use_ema=use_ema)
+    try:
+        run = loading.load_run(files, step=checkpoint_step, use_ema=use_ema)
+    except ValueError as e:  # orbax: the saved tree or shapes differ from the config's model
+        model = export_probe["model"]
+        sizes = ", ".join(f"{k}={model[k]}" for k in ("architecture",) + layout.MODEL_KEYS)
+        raise ValueError(f"{files.workdir}: the checkpoint does not match its config.json "
+                         f"({sizes}): {str(e)[:2000]}") from None
     ema_used = (run.config.eval.get("use_ema", True) if use_ema is None else use_ema) and \
         float(run.config.optimizer.get("ema_decay", 0.0)) > 0
     params = jax.device_get(run.params)
