@@ -11,6 +11,7 @@ Suites:
               perplexity under the AR run, entropy and compile time, per generated length;
               the engine's per-step overhead over a bare loop of forward passes;
   ladder, bd3lm_cost  block diffusion: see `experiments.block_benchmarks`.
+  edlm                EDLM against MDLM: see `experiments.edlm_benchmarks`.
 
 Each suite replaces its own section of the file and leaves the others alone; every
 section records the command, the machine and the date. Figures are medians.
@@ -30,7 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import block_benchmarks, report
+from experiments import block_benchmarks, edlm_benchmarks, report
 
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
                             "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost.")
@@ -448,7 +449,8 @@ def main(argv):
     suites = {"throughput": throughput_section, "bpc": bpc_section,
               "sampling": sampling_section,
               "ladder": lambda c: block_benchmarks.ladder_section(c),
-              "bd3lm_cost": lambda c: block_benchmarks.cost_section(c)}
+              "bd3lm_cost": lambda c: block_benchmarks.cost_section(c),
+              "edlm": edlm_benchmarks.edlm_section}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")
