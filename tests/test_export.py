@@ -2,7 +2,9 @@
 experiments.export, and clear errors on bad input."""
 
 import json
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from absl import app, flags
 from helpers import small_config
 
 from configs import ar as ar_config
@@ -22,7 +23,6 @@ from dlm.diffusion import make_process
 from dlm.export import convert, exporter, hf, layout, torch_reference
 from dlm.models import build_model
 from dlm.training import checkpoint, experiment, mesh, optimizer
-from experiments import export as export_cli
 
 TEXT = "abcdefgh \n"
 REL_TOL = 1e-5  # max |exported - dlm| / max |dlm| in float32
@@ -116,9 +116,10 @@ def test_torch_reference_reproduces_block_masks(tmp_path):
     _assert_close(theirs, ours)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1])
-def test_torch_reference_reproduces_the_causal_transformer(tmp_path, kv_heads):
-    out, module, params, export = _export(tmp_path, ar_config, **{"model.kv_heads": kv_heads})
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2)])  # (4, 2): grouped-query heads
+def test_torch_reference_reproduces_the_causal_transformer(tmp_path, heads, kv_heads):
+    out, module, params, export = _export(tmp_path, ar_config, **{"model.heads": heads,
+                                                                  "model.kv_heads": kv_heads})
     tokens_BL, _ = exporter.parity_inputs(export)
     model = torch_reference.load(out)
     assert isinstance(model, torch_reference.CausalTransformer)
@@ -143,7 +144,8 @@ def test_safetensors_round_trip_gives_identical_logits(tmp_path, config_module):
 def test_hugging_face_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Starcoder2ForCausalLM
 
-    out, module, params, export = _export(tmp_path, ar_config, **{"model.kv_heads": 1})
+    out, module, params, export = _export(tmp_path, ar_config, **{"model.heads": 4,
+                                                                  "model.kv_heads": 2})
     _, tokenizer = _tiny(ar_config)
     hf_dir = hf.save_hf(tmp_path / "hf", export, convert.to_tensors(params, export["model"]),
                         tokenizer)
@@ -229,9 +231,6 @@ def test_mdlm_layout_imports_exactly(tmp_path):
     again = _logits(loaded.module, loaded.params, tokens_BL[:, :16], t_B)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(ours))
 
-    _run_cli([f"--mdlm_weights={file}", f"--out={tmp_path / 'cli'}"])
-    assert layout.read_config(tmp_path / "cli")["model"] == loaded.export["model"]
-
     def fails(state, match, **kwargs):
         with pytest.raises(ValueError, match=match):
             exporter.import_mdlm(state, tmp_path / "bad", **kwargs)
@@ -306,7 +305,7 @@ def test_bad_input_is_reported_clearly(tmp_path):
 def test_no_pickle_anywhere():
     """Only safetensors and JSON are read: no torch.load, pickle or numpy object arrays."""
     root = pathlib.Path(exporter.__file__).parent
-    sources = [*root.glob("*.py"), pathlib.Path(export_cli.__file__)]
+    sources = [*root.glob("*.py"), root.parents[1] / "experiments" / "export.py"]
     for path in sources:
         text = path.read_text()
         for banned in ("torch.load(", "import pickle", "allow_pickle=True", "np.load("):
@@ -334,7 +333,8 @@ def test_torch_reference_needs_no_jax(tmp_path):
 
 
 def _save_run(workdir, config_module, **overrides):
-    """A workdir as training leaves it, with random weights and a different EMA."""
+    """A workdir as training leaves it (config, tokenizer, a checkpoint at step 7), with random
+    weights and a different EMA; returns (module, state)."""
     config, tokenizer = _tiny(config_module, **overrides)
     workdir.mkdir(parents=True)
     (workdir / experiment.CONFIG_FILE).write_text(config.to_json_best_effort())
@@ -351,34 +351,38 @@ def _save_run(workdir, config_module, **overrides):
     return module, state
 
 
-def _run_cli(argv):
-    flags.FLAGS.unparse_flags()
-    export_cli.main(flags.FLAGS(["export", *argv]))
+def _cli(*argv):
+    """experiments.export in a subprocess (its absl flags would clash with other entry points
+    imported by the test session)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "experiments.export", *argv],
+                          capture_output=True, text=True, check=False, timeout=300, env=env,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
 
 
-def test_export_command_on_a_workdir(tmp_path, capsys):
-    module, state = _save_run(tmp_path / "run", ar_config)
-    _run_cli([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'torch'}", "--format=torch"])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """(workdir, state) of a tiny AR run saved at step 7."""
+    workdir = tmp_path_factory.mktemp("runs") / "ar"
+    _, state = _save_run(workdir, ar_config)
+    return workdir, state
+
+
+def test_export_workdir(saved_run, tmp_path):
+    run, state = saved_run
+    summary = exporter.export_workdir(run, tmp_path / "torch", "torch")
     assert summary["step"] == 7 and summary["ema"] and summary["architecture"] == "transformer"
     assert summary["max_rel_error"] < REL_TOL, summary
     assert (tmp_path / "torch" / "dlm_torch.py").is_file()
-    # The EMA weights by default, the raw ones on request.
+    # The EMA weights by default (as evaluation), with the step they came from.
     loaded = convert.load_export(tmp_path / "torch")
     ema = np.asarray(state.ema_params["head"]["kernel"])
     np.testing.assert_array_equal(np.asarray(loaded.params["head"]["kernel"]), ema)
-    _run_cli([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}", "--format=hf",
-              "--nouse_ema"])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert not summary["ema"] and summary["max_rel_error"] < REL_TOL, summary
-    assert (tmp_path / "hf" / "tokenizer.json").is_file()
-    with pytest.raises(app.UsageError, match=r"unknown export format 'onnx'"):
-        _run_cli([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'x'}", "--format=onnx"])
-    with pytest.raises(app.UsageError, match=r"exactly one of --workdir and --mdlm_weights"):
-        _run_cli([f"--out={tmp_path / 'x'}"])
-    with pytest.raises(SystemExit, match=r"experiments.export: .*config.json"):
-        _run_cli([f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'x'}"])
+    assert loaded.export["source"]["step"] == 7 and loaded.export["source"]["ema"]
+    with pytest.raises(FileNotFoundError, match=r"nowhere"):
+        exporter.export_workdir(tmp_path / "nowhere", tmp_path / "x")
     # A workdir whose config says 3 layers where its checkpoint has 2.
+    shutil.copytree(run, tmp_path / "run")
     config_file = tmp_path / "run" / experiment.CONFIG_FILE
     config = json.loads(config_file.read_text())
     config["model"]["layers"] = 3
@@ -387,3 +391,21 @@ def test_export_command_on_a_workdir(tmp_path, capsys):
                                          r"\(architecture=transformer, hidden=32, layers=3.*"
                                          r"params\.blocks_2"):
         exporter.export_workdir(tmp_path / "run", tmp_path / "x")
+
+
+def test_export_command_line(saved_run, tmp_path):
+    run, state = saved_run
+    result = _cli(f"--workdir={run}", f"--out={tmp_path / 'hf'}", "--format=hf",
+                  "--nouse_ema")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["format"] == "hf" and not summary["ema"], summary
+    assert summary["max_rel_error"] < REL_TOL, summary
+    assert {"config.json", "model.safetensors", "tokenizer.json", "dlm_export.json"} <= {
+        p.name for p in (tmp_path / "hf").iterdir()}
+    loaded = convert.load_export(tmp_path / "hf")
+    np.testing.assert_array_equal(np.asarray(loaded.params["head"]["kernel"]),
+                                  np.asarray(state.params["head"]["kernel"]))
+    bad = _cli(f"--workdir={run}", f"--out={tmp_path / 'x'}", "--format=onnx")
+    assert bad.returncode != 0
+    assert "unknown export format 'onnx'; allowed: safetensors, torch, hf" in bad.stderr
