@@ -280,6 +280,8 @@ def test_bad_input_is_reported_clearly(tmp_path):
     config_file.write_text(good_config[:40])
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
         convert.load_export(out)
+    with pytest.raises(ValueError, match=r"config\.json is not a dlm export config"):
+        torch_reference.load(out)
     config_file.write_text(good_config)
 
     # A truncated weights file.

@@ -115,7 +115,6 @@ def from_tensors(tensors: Mapping[str, np.ndarray], model: Mapping[str, Any],
 def export_config(config, vocab_size: int, tokenizer: tokenizers.Tokenizer | None,
                   source: Mapping[str, Any] | None = None) -> dict:
     """The whole config.json of an export of the run whose dlm config is `config`."""
-    dlm_config = json.loads(config.to_json_best_effort()) if config is not None else None
     return {
         "format": layout.FORMAT,
         "version": layout.VERSION,
@@ -124,7 +123,7 @@ def export_config(config, vocab_size: int, tokenizer: tokenizers.Tokenizer | Non
         "tokenizer": tokenizer_section(tokenizer),
         "seq_len": int(config.data.seq_len),
         "source": {"dlm_version": dlm.__version__, **(source or {})},
-        "dlm_config": dlm_config,
+        "dlm_config": json.loads(config.to_json_best_effort()),
     }
 
 

@@ -179,6 +179,9 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt? "
                          f"{path.stat().st_size} bytes): {e}") from None
+    except TypeError as e:  # a dtype numpy lacks, e.g. bfloat16
+        raise ValueError(f"{path} holds tensors numpy cannot read ({e}); save them as "
+                         "float32") from None
 
 
 def write_safetensors(path, tensors: Mapping[str, np.ndarray],

@@ -249,7 +249,12 @@ def load(directory) -> nn.Module:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"not a dlm export: {path} does not exist")
-    model = build(json.loads(config_path.read_text(encoding="utf-8"))["model"])
+    try:
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))["model"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path} is not a dlm export config (truncated?): "
+                         f"{e!r}") from None
+    model = build(model_config)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
