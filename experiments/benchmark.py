@@ -12,6 +12,8 @@ Suites:
               the engine's per-step overhead over a bare loop of forward passes;
   ladder, bd3lm_cost  block diffusion: see `experiments.block_benchmarks`.
   edlm                EDLM against MDLM: see `experiments.edlm_benchmarks`.
+  sdtt                SDTT students against their MDLM teacher: see
+                      `experiments.sdtt_benchmarks`.
 
 Each suite replaces its own section of the file and leaves the others alone; every
 section records the command, the machine and the date. Figures are medians.
@@ -31,7 +33,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import block_benchmarks, edlm_benchmarks, report
+from experiments import block_benchmarks, edlm_benchmarks, report, sdtt_benchmarks
 
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
                             "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost.")
@@ -450,7 +452,8 @@ def main(argv):
               "sampling": sampling_section,
               "ladder": lambda c: block_benchmarks.ladder_section(c),
               "bd3lm_cost": lambda c: block_benchmarks.cost_section(c),
-              "edlm": edlm_benchmarks.edlm_section}
+              "edlm": edlm_benchmarks.edlm_section,
+              "sdtt": sdtt_benchmarks.sdtt_section}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")
