@@ -47,7 +47,7 @@ def export_workdir(workdir, out, fmt: str = "safetensors", *, checkpoint_step: i
     export_probe = convert.export_config(files.config, files.tokenizer.vocab_size,
                                          files.tokenizer)
     if fmt == "hf":
-        hf._check_causal(export_probe)  # refuse before restoring the checkpoint
+        hf.check_causal(export_probe)  # refuse before restoring the checkpoint
     try:
         run = loading.load_run(files, step=checkpoint_step, use_ema=use_ema)
     except ValueError as e:  # orbax: the saved tree or shapes differ from the config's model

@@ -46,7 +46,8 @@ _LAYER_NAMES = (
 _ZERO_BIASES = ("input_layernorm.bias", "post_attention_layernorm.bias")
 
 
-def _check_causal(export: Mapping[str, Any]) -> None:
+def check_causal(export: Mapping[str, Any]) -> None:
+    """Raises ValueError unless the export is a causal transformer (what --format=hf takes)."""
     model = export["model"]
     if model["architecture"] != "transformer" or model.get("mask", "causal") != "causal":
         process = (export.get("process") or {}).get("name")
@@ -77,7 +78,7 @@ def hf_config(export: Mapping[str, Any]):
     """The `transformers.Starcoder2Config` of a causal export."""
     from transformers import Starcoder2Config
 
-    _check_causal(export)
+    check_causal(export)
     model, tok = export["model"], export.get("tokenizer") or {}
     return Starcoder2Config(
         vocab_size=model["vocab_size"],
@@ -150,7 +151,7 @@ def save_hf(out, export: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
     import torch
     from transformers import Starcoder2ForCausalLM
 
-    _check_causal(export)
+    check_causal(export)
     layout.check_tensors(tensors, export["model"], "the exported tensors")
     out = pathlib.Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +185,7 @@ def read_hf(directory) -> tuple[dict, dict[str, np.ndarray]]:
         raise FileNotFoundError(f"not a dlm Hugging Face export: {path} does not exist")
     export = json.loads(path.read_text(encoding="utf-8"))
     layout.check_model(export.get("model") or {}, str(path))
-    _check_causal(export)
+    check_causal(export)
     weights = layout.read_safetensors(directory / HF_WEIGHTS_FILE)
     names = name_map(export["model"])
     expected = set(names.values()) | set(_zero_bias_names(export["model"]))
