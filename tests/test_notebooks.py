@@ -51,6 +51,10 @@ def set_parameters(cell, **values) -> None:
     cell.source = "\n".join(lines)
 
 
+def test_every_notebook_is_tested():
+    assert sorted(path.name for path in COLABS.glob("*.ipynb")) == sorted(NOTEBOOKS)
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_is_committed_clean(name):
     notebook = read(name)
