@@ -6,7 +6,8 @@ over), the energy scores them, and one is drawn with probability proportional to
 exp(-E / energy_temperature): self-normalised importance sampling from the residual model
 p_theta(x_0 | x_t) exp(-E(x_0, x_t, t)). The ordinary reverse step then reveals positions
 towards that candidate: the MDLM step, with the candidate in place of the per-position draw.
-Outside the window (or with k = 1) it is exactly the plain step, with the same random draws.
+Outside the window (or with k = 1) it is exactly the plain step, with the same random draws;
+MDLM's final argmax step (noise removal) never resamples.
 
 The candidates come from the denoiser's distribution after the sampler's transforms
 (temperature, top-k, top-p); the energy sees the untransformed log p_theta (as trained), so
@@ -66,6 +67,9 @@ class ImportanceUnmask:
             return self.inner.update(denoiser, state, logits_BLV, key)
         low, high = self.window
         in_window_B = (state.t_B >= low) & (state.t_B <= high) & ~state.done_B
+        if self.inner.final_greedy:  # the last step commits the argmax: nothing to resample
+            last = self.inner.max_steps(state.tokens_BL.shape[1]) - 1
+            in_window_B &= state.step != last
         resampling = jnp.any(in_window_B)
 
         def propose(log_probs_BLV, proposal_key):
