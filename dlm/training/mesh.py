@@ -11,8 +11,13 @@ from dlm.training.step import DATA_AXIS
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D mesh over all devices (of all processes) along the `data` axis."""
+    """A 1-D mesh over all devices (of all processes) along the `data` axis.
+
+    The devices of each process are contiguous and in process order, so process p holds
+    rows [p * B / P, (p + 1) * B / P) of a global batch, as the data pipeline reads them.
+    """
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda d: d.process_index)  # stable sort
     return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
