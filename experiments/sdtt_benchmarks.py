@@ -32,7 +32,7 @@ _WORKDIR = flags.DEFINE_string(
 _DIVERGENCES = flags.DEFINE_list("sdtt_divergences", ["reverse_kl", "mse", "tvd"],
                                  "Divergences distilled with; the first runs every round.")
 _COMPARISON_ROUNDS = flags.DEFINE_integer(
-    "sdtt_comparison_rounds", 2, "Rounds of the other divergences' runs (0: all).")
+    "sdtt_comparison_rounds", 0, "Rounds of the other divergences' runs (0: all).")
 _TEACHER_STEPS = flags.DEFINE_list("sdtt_teacher_steps",
                                    ["8", "16", "32", "64", "128", "256", "512", "1024"],
                                    "Sampling steps of the teacher rows.")
@@ -96,18 +96,32 @@ def _student_dirs(workdir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
     return sorted(kept)
 
 
-def _sample_rows(run, judge, steps_list: list[int]) -> dict[int, dict]:
-    """{steps: summary} of the `mdlm` sampler on `run` at each step count."""
-    from dlm.sampling import drawing
+def _sample_rows(root: pathlib.Path, label: str, workdir, judge_workdir: str,
+                 steps_list: list[int]) -> dict[int, dict]:
+    """{steps: summary} of the `mdlm` sampler on the run in `workdir` at each step count.
 
-    length = int(run.config.data.seq_len)
-    rows = {}
-    for steps in steps_list:
-        sampler = drawing.make_sampler("mdlm", steps, {})
-        _, summary = drawing.draw(run, sampler, num_samples=_NUM_SAMPLES.value, length=length,
-                                  seed=0, batch_size=_BATCH.value, judge=judge)
-        rows[steps] = summary
-    return rows
+    Rows are cached in ROOT/samples/<label>.json (with the sample count in the key), so an
+    interrupted suite resumes where it stopped.
+    """
+    from dlm.sampling import drawing, loading
+
+    cache = root / "samples" / f"{label}.json"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    key = "{}@{}x{}".format  # steps @ samples x batch
+    missing = [s for s in steps_list
+               if key(s, _NUM_SAMPLES.value, _BATCH.value) not in done]
+    if missing:
+        run, judge = loading.load_run(workdir), loading.load_run(judge_workdir)
+        length = int(run.config.data.seq_len)
+        for steps in missing:
+            sampler = drawing.make_sampler("mdlm", steps, {})
+            _, summary = drawing.draw(run, sampler, num_samples=_NUM_SAMPLES.value,
+                                      length=length, seed=0, batch_size=_BATCH.value,
+                                      judge=judge)
+            done[key(steps, _NUM_SAMPLES.value, _BATCH.value)] = summary
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(done, indent=1))
+    return {s: done[key(s, _NUM_SAMPLES.value, _BATCH.value)] for s in steps_list}
 
 
 def _cell(summary: dict) -> str:
@@ -115,8 +129,6 @@ def _cell(summary: dict) -> str:
 
 
 def sdtt_section(command: str) -> str:
-    from dlm.sampling import loading
-
     if not _TEACHER.value or not _JUDGE.value:
         raise ValueError("the sdtt suite needs --sdtt_teacher (a micro MDLM run, seq_len 128) "
                          "and --sdtt_judge (a micro AR run with the same tokenizer)")
@@ -128,20 +140,19 @@ def sdtt_section(command: str) -> str:
         settings = _run_settings(divergence, index == 0)
         _distil(root / divergence, settings)
         runs[divergence] = settings
-    judge = loading.load_run(_JUDGE.value)
-    teacher = loading.load_run(_TEACHER.value)
     teacher_steps = [int(s) for s in _TEACHER_STEPS.value]
     student_steps = [int(s) for s in _STUDENT_STEPS.value]
-    teacher_rows = _sample_rows(teacher, judge, teacher_steps)
-
+    teacher_rows = _sample_rows(root, "teacher", _TEACHER.value, _JUDGE.value, teacher_steps)
     student_rows, round_rows = {}, []
     for divergence in divergences:
         kept = _student_dirs(root / divergence)
-        last = loading.load_run(kept[0][1])
-        student_rows[divergence] = _sample_rows(last, judge, student_steps)
+        student_rows[divergence] = _sample_rows(root, f"{divergence}_last", kept[0][1],
+                                                _JUDGE.value, student_steps)
         for target, directory in kept:
-            summary = _sample_rows(loading.load_run(directory), judge, [target])[target]
+            summary = _sample_rows(root, f"{divergence}_{target}", directory, _JUDGE.value,
+                                   [target])[target]
             round_rows.append((divergence, target, summary))
+    length = int(_config().data.seq_len)
 
     all_steps = sorted(set(teacher_steps) | set(student_steps))
     header = "| model | " + " | ".join(str(s) for s in all_steps) + " |"
@@ -164,7 +175,7 @@ def sdtt_section(command: str) -> str:
     rounds_table += [f"| {d} | {t} | {s['gen_ppl']:.2f} | {s['entropy']:.2f} | "
                      f"{s['mean_nfe']:.0f} |" for d, t, s in round_rows]
     seconds = ["| sampling steps | NFE | seconds per batch of "
-               f"{_BATCH.value} x {int(teacher.config.data.seq_len)} |", "|---|---|---|"]
+               f"{_BATCH.value} x {length} |", "|---|---|---|"]
     per_batch = _BATCH.value / _NUM_SAMPLES.value
     seconds += [f"| {s} | {r['mean_nfe']:.0f} | {r['seconds'] * per_batch:.2f} |"
                 for s, r in sorted(teacher_rows.items())]
@@ -182,7 +193,7 @@ def sdtt_section(command: str) -> str:
         f"{config.optimizer.learning_rate}, batch {config.data.batch_size} x "
         f"{config.data.seq_len}). Runs in `{root}`. Sampling: the MDLM ancestral sampler "
         f"(`--sampler=mdlm --steps=S`, noise removal: S + 1 network calls), "
-        f"{_NUM_SAMPLES.value} samples of {int(teacher.config.data.seq_len)} characters per "
+        f"{_NUM_SAMPLES.value} samples of {length} characters per "
         "cell, seed 0, EMA weights. Each cell: generative perplexity under the AR judge / "
         "mean unigram entropy (nats) of a sample (the data's is about 3.3 at this length; "
         "much lower means repetitive text).",
