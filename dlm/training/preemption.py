@@ -67,7 +67,7 @@ class StopRequest:
         self._clock = clock
         self._deadline = None if time_budget is None else clock() + time_budget
         self._signalled = False
-        self._previous_handler = None
+        self._installed, self._previous_handler = False, None
         self._multiprocess = False
         self._pending = None  # the vote dispatched at the previous poll
 
@@ -81,14 +81,16 @@ class StopRequest:
                                     out_shardings=NamedSharding(mesh, P()))
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
         else:
             logging.warning("not in the main thread: SIGTERM will not stop training cleanly")
 
     def uninstall(self) -> None:
         """Gives SIGTERM back to the handler that was there before `install`."""
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        if self._installed:
+            # None: the previous handler was not set from Python; the default is the closest.
+            signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
+            self._installed, self._previous_handler = False, None
 
     def _on_sigterm(self, signum, frame) -> None:
         del signum, frame
