@@ -116,6 +116,11 @@ def _wait_for_step(workdir, step: int, launch: Launch) -> None:
     pytest.fail(f"step {step} not reached in {DEADLINE}s:\n{launch.tails()}")
 
 
+def _json_lines(log) -> list[dict]:
+    """The JSON objects a process printed (its log also holds gloo's and absl's lines)."""
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+
+
 def _checkpoint_steps(workdir) -> list[int]:
     """The complete checkpoints (orbax renames a checkpoint's folder to its step when done)."""
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -203,6 +208,32 @@ def test_sigterm_to_all_and_a_time_budget_resume_the_same_curve(reference):
     losses, straight = _losses(workdir), _losses(one)
     np.testing.assert_allclose([losses[s] for s in range(1, TOTAL_STEPS + 1)],
                                [straight[s] for s in range(1, TOTAL_STEPS + 1)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_and_sample_on_two_processes_print_what_one_process_prints(reference):
+    root, _, workdir = reference
+    commands = {
+        "evaluate": [sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}"],
+        "sample": [sys.executable, "-m", "experiments.sample", f"--workdir={workdir}",
+                   "--num_samples=4", "--batch_size=4", "--steps=8"],
+    }
+    for name, command in commands.items():
+        outputs = {}
+        for processes, devices in ((1, 4), (2, 2)):
+            out = root / f"{name}{processes}.jsonl"
+            launch = _run(command + [f"--out={out}"] if name == "sample" else command,
+                          root / f"logs_{name}{processes}", processes, devices)
+            printed = [_json_lines(log) for log in launch.logs]
+            assert len(printed[0]) == 1 and all(not p for p in printed[1:])  # process 0 only
+            outputs[processes] = (printed[0][0] if name == "evaluate" else
+                                  [json.loads(line)["tokens"]
+                                   for line in out.read_text().splitlines()])
+        if name == "evaluate":
+            assert outputs[2].pop("split") == outputs[1].pop("split") == "validation"
+            assert outputs[2] == pytest.approx(outputs[1], rel=1e-6)
+        else:
+            assert outputs[2] == outputs[1]
 
 
 def test_a_killed_process_makes_the_other_fail_quickly(reference):
