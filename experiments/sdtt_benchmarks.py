@@ -87,6 +87,35 @@ def _train_seconds(workdir: pathlib.Path) -> float:
     return seconds
 
 
+def _data_entropy() -> float:
+    """Mean unigram entropy (nats) of the validation split's sequences, as the samples'."""
+    import numpy as np
+
+    from dlm.data import pipeline
+    from dlm.evaluation import generative
+
+    data = _config().data
+    corpus = pipeline.load_corpus(data)
+    values = [generative.unigram_entropy(row) for batch in
+              pipeline.eval_batches(data, corpus, "validation") for row in batch["tokens"]]
+    return float(np.mean(values))
+
+
+def _eval_nelbo(workdir: pathlib.Path, step: int) -> str:
+    """The run's validation NELBO at `step` ('—' when it was not evaluated there)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    found = [r for r in rows if r.get("step") == step and "eval/nll_nats_per_token" in r]
+    if not found:
+        return "—"
+    return f"{found[-1]['eval/nll_nats_per_token']:.3f} ± {found[-1]['eval/nll_stderr']:.3f}"
+
+
+def _last_eval_step(workdir: str) -> int:
+    rows = [json.loads(line) for line in
+            (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return max(r["step"] for r in rows if "eval/nll_nats_per_token" in r)
+
+
 def _student_dirs(workdir: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
     """(targeted sampling steps, directory) of every kept round, fewest steps first."""
     from dlm.training import trainer
@@ -149,9 +178,15 @@ def sdtt_section(command: str) -> str:
         student_rows[divergence] = _sample_rows(root, f"{divergence}_last", kept[0][1],
                                                 _JUDGE.value, student_steps)
         for target, directory in kept:
-            summary = _sample_rows(root, f"{divergence}_{target}", directory, _JUDGE.value,
-                                   [target])[target]
-            round_rows.append((divergence, target, summary))
+            if directory == kept[0][1] and target in student_steps:  # sampled just above
+                summary = student_rows[divergence][target]
+            else:
+                summary = _sample_rows(root, f"{divergence}_{target}", directory,
+                                       _JUDGE.value, [target])[target]
+            step = max(int(c.name) for c in (directory / "checkpoints").iterdir()
+                       if c.name.isdigit())
+            round_rows.append((divergence, target, summary,
+                               _eval_nelbo(root / divergence, step)))
     length = int(_config().data.seq_len)
 
     all_steps = sorted(set(teacher_steps) | set(student_steps))
@@ -170,10 +205,10 @@ def sdtt_section(command: str) -> str:
         target = _student_dirs(root / divergence)[0][0]
         table.append(line(f"student {divergence}, {total // p.round_steps} rounds "
                           f"(targets {target})", student_rows[divergence]))
-    rounds_table = ["| divergence | round's student targets | gen PPL | entropy | NFE |",
-                    "|---|---|---|---|---|"]
+    rounds_table = ["| divergence | round's student targets | gen PPL | entropy | NFE | "
+                    "NELBO (nats/char) |", "|---|---|---|---|---|---|"]
     rounds_table += [f"| {d} | {t} | {s['gen_ppl']:.2f} | {s['entropy']:.2f} | "
-                     f"{s['mean_nfe']:.0f} |" for d, t, s in round_rows]
+                     f"{s['mean_nfe']:.0f} | {nelbo} |" for d, t, s, nelbo in round_rows]
     seconds = ["| sampling steps | NFE | seconds per batch of "
                f"{_BATCH.value} x {length} |", "|---|---|---|"]
     per_batch = _BATCH.value / _NUM_SAMPLES.value
@@ -192,15 +227,17 @@ def sdtt_section(command: str) -> str:
         f"each round, the teacher replaced by the student's EMA; lr "
         f"{config.optimizer.learning_rate}, batch {config.data.batch_size} x "
         f"{config.data.seq_len}). Runs in `{root}`. Sampling: the MDLM ancestral sampler "
-        f"(`--sampler=mdlm --steps=S`, noise removal: S + 1 network calls), "
+        f"(`--sampler=mdlm --steps=S`, MDLM's noise removal at the end), "
         f"{_NUM_SAMPLES.value} samples of {length} characters per "
         "cell, seed 0, EMA weights. Each cell: generative perplexity under the AR judge / "
-        "mean unigram entropy (nats) of a sample (the data's is about 3.3 at this length; "
-        "much lower means repetitive text).",
+        f"mean unigram entropy (nats) of a sample (validation sequences: {_data_entropy():.2f}; "
+        "lower means more repetitive text, which also lowers the perplexity).",
         "",
         *table,
         "",
-        "Each round's student at the number of steps it was distilled for:",
+        "Each round's student at the number of steps it was distilled for, with its "
+        "validation NELBO (8 batches, EMA weights; the teacher's: "
+        f"{_eval_nelbo(pathlib.Path(_TEACHER.value), _last_eval_step(_TEACHER.value))}):",
         "",
         *rounds_table,
         "",
