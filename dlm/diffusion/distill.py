@@ -25,8 +25,11 @@ the end of every round as a run of its own, WORKDIR/rounds/<steps>_steps (see
 `round_checkpoint_name`).
 
 The process state is {"teacher": params, "round": int32 scalar}, so a resumed run continues
-with the same teacher and dt. The student is an ordinary MDLM denoiser: `nll` is MDLM's
-NELBO and the samplers treat an SDTT run as a masked diffusion run (`schedule`, `mask_id`).
+with the same teacher and dt. Only the teacher changes at a round's end: the student keeps
+training its own weights with the same optimizer state (SDTT's code can also restart the
+student from its EMA and reset the optimizer; here the trainer owns both). The student is an
+ordinary MDLM denoiser: `nll` is MDLM's NELBO and the samplers treat an SDTT run as a masked
+diffusion run (`schedule`, `mask_id`).
 """
 
 from __future__ import annotations
