@@ -145,13 +145,18 @@ def test_ar_energy_against_prefix_by_prefix_scoring():
     energy = energy_lib.ARResidualEnergy(module)(
         params, jnp.asarray(x0), jnp.asarray(xt), None, jnp.asarray(log_p, jnp.float32),
         vocab_size - 1)
+    # Reference: one forward pass per prefix, with everything after it overwritten, so the
+    # prediction of token i can only come from tokens < i.
+    apply = jax.jit(lambda p, tokens: module.apply({"params": p}, tokens, None))
     expected = np.zeros(batch)
     for b in range(batch):
         for i in range(1, length):
             if xt[b, i] != vocab_size - 1:
                 continue
-            logits = module.apply({"params": params}, jnp.asarray(x0[b:b + 1, :i]), None)
-            logits = np.asarray(logits[0, -1], np.float64)[:-1]  # the mask id excluded
+            prefix = x0[b:b + 1].copy()
+            prefix[:, i:] = (x0[b:b + 1, i:] + 1) % (vocab_size - 1)
+            logits = apply(params, jnp.asarray(prefix))
+            logits = np.asarray(logits[0, i - 1], np.float64)[:-1]  # the mask id excluded
             log_softmax = logits - np.logaddexp.reduce(logits)
             expected[b] += log_p[b, i] - log_softmax[x0[b, i]]
     np.testing.assert_allclose(np.asarray(energy), expected, rtol=1e-5, atol=1e-5)

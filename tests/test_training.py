@@ -174,7 +174,8 @@ def test_bfloat16_compute_keeps_float32_losses(data_dir):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("process.name", "sedd", r"config.process.name='sedd' is not one of \['mdlm', 'bd3lm', 'ar'\]"),
+    ("process.name", "sedd",
+         r"config.process.name='sedd' is not one of \['mdlm', 'bd3lm', 'ar', 'sdtt', 'edlm_nce'\]"),
     ("data.packing", "zip", r"config.data.packing='zip' is not one of \['wrap', 'pad'\]"),
     ("data.batch_size", 0, "config.data.batch_size=0 must be a positive integer"),
     ("model.name", "transformer", "config.process.name='mdlm' needs config.model.name='dit'"),
