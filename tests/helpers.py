@@ -1,5 +1,8 @@
 """Small configs shared by the training tests."""
 
+import json
+import pathlib
+
 import ml_collections
 
 from configs import mdlm
@@ -19,3 +22,38 @@ def small_config(data_dir, method=mdlm, **overrides) -> ml_collections.ConfigDic
             node = node[part]
         node[last] = value
     return config
+
+
+def train_losses(workdir) -> dict[int, float]:
+    """{step: train/loss} from workdir/metrics.jsonl; a resumed run overwrites a stopped one."""
+    losses = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            losses[row["step"]] = row["train/loss"]
+    return losses
+
+
+def save_run(workdir, config, tokenizer, *, step: int = 0, replace=None):
+    """A workdir as training leaves it: config, tokenizer and a checkpoint at `step` of the
+    initial state, changed by `replace(module, state) -> state` when given.
+    Returns (module, state)."""
+    from dlm.diffusion import make_process
+    from dlm.models import build_model
+    from dlm.training import checkpoint, experiment, mesh, optimizer
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / experiment.CONFIG_FILE).write_text(config.to_json_best_effort())
+    tokenizer.save(workdir / experiment.TOKENIZER_DIR)
+    module = build_model(config.model, tokenizer.vocab_size)
+    skeleton = experiment.Experiment(
+        config, None, module, make_process(config, vocab_size=tokenizer.vocab_size),
+        mesh.make_mesh(), optimizer.make_optimizer(config.optimizer, config.total_steps))
+    state = skeleton.init_state()
+    if replace is not None:
+        state = replace(module, state)
+    saver = checkpoint.Checkpointer(workdir, keep=1, asynchronous=False)
+    saver.save(step, state, None)
+    saver.close()
+    return module, state

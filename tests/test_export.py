@@ -13,16 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import small_config
+from helpers import save_run, small_config
 
 from configs import ar as ar_config
 from configs import bd3lm as bd3lm_config
 from configs import mdlm as mdlm_config
 from dlm.data.tokenizers import CharTokenizer, GPT2Tokenizer
-from dlm.diffusion import make_process
 from dlm.export import convert, exporter, hf, layout, torch_reference
 from dlm.models import build_model
-from dlm.training import checkpoint, experiment, mesh, optimizer
+from dlm.training import experiment
 
 TEXT = "abcdefgh \n"
 REL_TOL = 1e-5  # max |exported - dlm| / max |dlm| in float32
@@ -338,19 +337,8 @@ def _save_run(workdir, config_module, **overrides):
     """A workdir as training leaves it (config, tokenizer, a checkpoint at step 7), with random
     weights and a different EMA; returns (module, state)."""
     config, tokenizer = _tiny(config_module, **overrides)
-    workdir.mkdir(parents=True)
-    (workdir / experiment.CONFIG_FILE).write_text(config.to_json_best_effort())
-    tokenizer.save(workdir / experiment.TOKENIZER_DIR)
-    module = build_model(config.model, tokenizer.vocab_size)
-    skeleton = experiment.Experiment(
-        config, None, module, make_process(config, vocab_size=tokenizer.vocab_size),
-        mesh.make_mesh(), optimizer.make_optimizer(config.optimizer, config.total_steps))
-    state = skeleton.init_state()
-    state = state.replace(params=_random_params(module, 5), ema_params=_random_params(module, 6))
-    saver = checkpoint.Checkpointer(workdir, keep=1, asynchronous=False)
-    saver.save(7, state, None)
-    saver.close()
-    return module, state
+    return save_run(workdir, config, tokenizer, step=7, replace=lambda module, state: state.replace(
+        params=_random_params(module, 5), ema_params=_random_params(module, 6)))
 
 
 def _cli(*argv):

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import small_config
+from helpers import small_config, train_losses
 
 from dlm.training import checkpoint as checkpoint_lib
 from dlm.training import distributed, experiment, preemption, trainer
@@ -93,20 +93,11 @@ def _run(command, log_dir, num_processes, devices, expect=0):
     return launch
 
 
-def _losses(workdir) -> dict[int, float]:
-    losses = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            losses[row["step"]] = row["train/loss"]  # a resumed run overwrites the stopped one
-    return losses
-
-
 def _wait_for_step(workdir, step: int, launch: Launch) -> None:
     deadline = time.monotonic() + DEADLINE
     path = workdir / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if path.exists() and max(_losses(workdir), default=0) >= step:
+        if path.exists() and max(train_losses(workdir), default=0) >= step:
             return
         if any(p.poll() is not None for p in launch.processes):
             launch.kill()
@@ -150,7 +141,7 @@ def test_two_processes_equal_one_process(reference):
     root, data_dir, one = reference
     two = root / "two_processes"
     _run(_train_command(two, data_dir), root / "logs_two", 2, 2)
-    losses_one, losses_two = _losses(one), _losses(two)
+    losses_one, losses_two = train_losses(one), train_losses(two)
     assert sorted(losses_two) == list(range(1, TOTAL_STEPS + 1))
     np.testing.assert_allclose([losses_two[s] for s in sorted(losses_two)],
                                [losses_one[s] for s in sorted(losses_two)], rtol=1e-5)
@@ -178,12 +169,12 @@ def test_sigterm_to_one_process_saves_together_and_resumes_the_same_curve(refere
     launch.processes[1].send_signal(signal.SIGTERM)  # only the second process is told
     codes = launch.wait()
     assert codes == [distributed.EXIT_RESUMABLE] * 2, launch.tails()
-    stopped = max(_losses(workdir))
+    stopped = max(train_losses(workdir))
     assert 3 <= stopped < TOTAL_STEPS
     assert _checkpoint_steps(workdir)[-1] == stopped
     assert "SIGTERM" in launch.logs[0].read_text()  # process 0 stopped for process 1's signal
     _run(_train_command(workdir, data_dir), root / "logs_resume", 2, 2)
-    losses, straight = _losses(workdir), _losses(one)
+    losses, straight = train_losses(workdir), train_losses(one)
     assert sorted(losses) == list(range(1, TOTAL_STEPS + 1))
     np.testing.assert_allclose([losses[s] for s in range(1, TOTAL_STEPS + 1)],
                                [straight[s] for s in range(1, TOTAL_STEPS + 1)], rtol=1e-5)
@@ -198,14 +189,14 @@ def test_sigterm_to_all_and_a_time_budget_resume_the_same_curve(reference):
     for process in launch.processes:
         process.send_signal(signal.SIGTERM)
     assert launch.wait() == [distributed.EXIT_RESUMABLE] * 2, launch.tails()
-    first_stop = max(_losses(workdir))
+    first_stop = max(train_losses(workdir))
     # A budget shorter than start-up stops the resumed run after its first agreed poll.
     _run(_train_command(workdir, data_dir, "--time_budget=1s"), root / "logs_budget", 2, 2,
          expect=distributed.EXIT_RESUMABLE)
-    second_stop = max(_losses(workdir))
+    second_stop = max(train_losses(workdir))
     assert first_stop < second_stop < TOTAL_STEPS
     _run(_train_command(workdir, data_dir), root / "logs_finish", 2, 2)
-    losses, straight = _losses(workdir), _losses(one)
+    losses, straight = train_losses(workdir), train_losses(one)
     np.testing.assert_allclose([losses[s] for s in range(1, TOTAL_STEPS + 1)],
                                [straight[s] for s in range(1, TOTAL_STEPS + 1)], rtol=1e-5)
 
@@ -266,7 +257,7 @@ def test_time_budget_in_process_saves_and_resumes(tmp_path):
     assert _checkpoint_steps(tmp_path / "budget") == [1]
     resumed = trainer.train(config, tmp_path / "budget")
     assert resumed["train/loss"] == pytest.approx(straight["train/loss"], rel=1e-6)
-    assert _losses(tmp_path / "budget") == pytest.approx(_losses(tmp_path / "straight"),
+    assert train_losses(tmp_path / "budget") == pytest.approx(train_losses(tmp_path / "straight"),
                                                          rel=1e-6)
 
 

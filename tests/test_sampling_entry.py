@@ -6,14 +6,12 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import save_run
 
 from configs import ar as ar_config
 from configs import mdlm as mdlm_config
 from dlm.data.tokenizers import CharTokenizer
-from dlm.diffusion import make_process
-from dlm.models import build_model
 from dlm.sampling import drawing
-from dlm.training import checkpoint, experiment, mesh, optimizer
 from experiments import sample
 
 SEQ_LEN = 16
@@ -26,16 +24,7 @@ def _save_run(workdir, config_module, text):
     config.data.seq_len = SEQ_LEN
     tokenizer = CharTokenizer.from_text(text)
     config.model.vocab_size = tokenizer.vocab_size
-    workdir.mkdir(parents=True)
-    (workdir / experiment.CONFIG_FILE).write_text(config.to_json_best_effort())
-    tokenizer.save(workdir / experiment.TOKENIZER_DIR)
-    module = build_model(config.model, tokenizer.vocab_size)
-    skeleton = experiment.Experiment(
-        config, None, module, make_process(config, vocab_size=tokenizer.vocab_size),
-        mesh.make_mesh(), optimizer.make_optimizer(config.optimizer, config.total_steps))
-    saver = checkpoint.Checkpointer(workdir, keep=1, asynchronous=False)
-    saver.save(0, skeleton.init_state(), None)
-    saver.close()
+    save_run(workdir, config, tokenizer)
     return str(workdir)
 
 

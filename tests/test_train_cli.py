@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from helpers import small_config
+from helpers import small_config, train_losses
 
 from dlm.training import trainer
 
@@ -24,15 +24,6 @@ def _command(workdir, data_dir, total_steps, config="configs/mdlm.py:micro", **e
     }
     return [sys.executable, "-m", "experiments.train", f"--config={config}",
             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-
-
-def _last_losses(workdir):
-    losses = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            losses[row["step"]] = row["train/loss"]  # a resumed run overwrites the killed one
-    return losses
 
 
 def test_sigkill_mid_run_then_resume_continues_the_same_losses(tmp_path):
@@ -51,7 +42,7 @@ def test_sigkill_mid_run_then_resume_continues_the_same_losses(tmp_path):
     assert checkpoint.is_dir(), "the run never wrote its step-4 checkpoint"
     subprocess.run(_command(tmp_path / "killed", data_dir, 10), cwd=ROOT, env=env, check=True,
                    capture_output=True)
-    straight, resumed = _last_losses(tmp_path / "straight"), _last_losses(tmp_path / "killed")
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "killed")
     assert sorted(resumed) == list(range(1, 11))
     assert [resumed[s] for s in range(5, 11)] == [straight[s] for s in range(5, 11)]
 

@@ -163,12 +163,12 @@ def merge_params(target, source, *, source_name: str = "the source") -> tuple[di
     shared path differs in shape or when no path is shared."""
     target_flat = flax.traverse_util.flatten_dict(target, sep="/")
     source_flat = flax.traverse_util.flatten_dict(source, sep="/")
-    for path in target_flat.keys() & source_flat.keys():
+    shared = target_flat.keys() & source_flat.keys()
+    for path in shared:
         if target_flat[path].shape != source_flat[path].shape:
             raise ValueError(
                 f"parameter {path} has shape {source_flat[path].shape} in {source_name} but "
                 f"{target_flat[path].shape} here: different model sizes or vocabularies")
-    shared = target_flat.keys() & source_flat.keys()
     if not shared:
         raise ValueError(f"{source_name} shares no parameter with this model "
                          f"(its names: {sorted(source_flat)[:4]}...)")
