@@ -1,6 +1,6 @@
 """Energy-based diffusion, EDLM-NCE: `--config=configs/edlm.py:SIZE --config.init_from=MDLM_DIR`.
 
-Trains an energy network E(x_0, x_t, t) (`dlm.models.energy.EnergyNet`: the DiT of SIZE with
+Trains an energy network E(x_0, x_t, t) (`dlm.models.energy_net.EnergyNet`: the DiT of SIZE with
 a fused x_t/x_0 input and a pooled scalar head) by noise-contrastive estimation against the
 frozen MDLM denoiser of `init_from`, which also initialises every shared weight; SIZE must be
 the MDLM run's. `process.nll_negatives` draws estimate log Z in the reported NLL. EDLM-AR

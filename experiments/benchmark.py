@@ -110,8 +110,8 @@ def measure_one(method: str, size: str) -> dict:
 
     from dlm.data import pipeline
     from dlm.models import param_count
+    from dlm.parallel import mesh as mesh_lib
     from dlm.training import experiment
-    from dlm.training import mesh as mesh_lib
     from dlm.training.step import make_train_step
 
     exp = experiment.build(_throughput_config(method, size))
@@ -120,7 +120,7 @@ def measure_one(method: str, size: str) -> dict:
     step = make_train_step(exp.model, exp.process, exp.tx, exp.mesh,
                            ema_decay=config.optimizer.ema_decay, grad_accum_steps=1,
                            global_batch=config.data.batch_size,
-                           state_sharding=exp.state_sharding())
+                           state_sharding=exp.state_sharding(), frozen=exp.frozen)
     data = pipeline.train_iterator(config.data, exp.corpus, seed=0)
     batch = mesh_lib.global_batch(next(data), exp.mesh)
     start = time.perf_counter()
@@ -303,20 +303,18 @@ def _overhead(run, batch: int, length: int) -> dict:
     import jax.numpy as jnp
 
     from dlm import sampling
-    from dlm.sampling import engine
 
     sampler = sampling.get_sampler("mdlm", steps=_SAMPLING_OVERHEAD_STEPS.value)
-    tokens_BL, known_BL, _ = engine.prefix_inputs(None, batch, length, run.network.vocab.mask_id)
-    tokens_BL, known_BL = jnp.asarray(tokens_BL), jnp.asarray(known_BL)
-    rng = jax.random.PRNGKey(0)
-    sample_fn = engine.compile_run(sampler, run.network, run.params, tokens_BL, known_BL, rng)
-    calls = int(np.max(jax.device_get(sample_fn(run.params, tokens_BL, known_BL, rng).nfe_B)))
+    drawn = sampling.draw(sampler, run.network, run.params, jax.random.PRNGKey(0),
+                          batch_size=batch, length=length, num_batches=_SAMPLING_REPEATS.value)
+    calls = int(np.max(drawn.output.nfe_B))
+    tokens_BL = jnp.full((batch, length), run.network.vocab.mask_id, jnp.int32)
     t_B = jnp.ones((batch,), jnp.float32)
     bare_fn = _bare_forward_loop(run.network.apply_fn, calls).lower(
         run.params, tokens_BL, t_B).compile()
     jax.block_until_ready(bare_fn(run.params, tokens_BL, t_B))
     bare = _median_seconds(bare_fn, run.params, tokens_BL, t_B)
-    engine_seconds = _median_seconds(sample_fn, run.params, tokens_BL, known_BL, rng)
+    engine_seconds = float(np.median(drawn.seconds))
     return {"batch": batch, "length": length, "calls": calls, "bare": bare,
             "engine": engine_seconds, "overhead": engine_seconds / bare - 1}
 
@@ -363,14 +361,13 @@ def _frontier_paragraph(results: list[dict], mdlm_step: int, ar_step: int,
 def sampling_section(command: str) -> str:
     import jax
 
-    from dlm import sampling
-    from dlm.sampling import drawing, loading
+    from dlm import runs, sampling
 
     start_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         mdlm_dir, mdlm_note = _sampling_workdir("mdlm", _SAMPLING_WORKDIR_MDLM.value, tmp)
         ar_dir, ar_note = _sampling_workdir("ar", _SAMPLING_WORKDIR_AR.value, tmp)
-        mdlm_run, ar_run = loading.load_run(mdlm_dir), loading.load_run(ar_dir)
+        mdlm_run, ar_run = runs.load_run(mdlm_dir), runs.load_run(ar_dir)
     train_len = int(mdlm_run.config.data.seq_len)
     results, table = [], []
     for length in (int(x) for x in _SAMPLING_LENGTHS.value):
@@ -378,10 +375,10 @@ def sampling_section(command: str) -> str:
             num_samples = (_SAMPLING_NUM_SAMPLES_B1.value if batch == 1
                            else _SAMPLING_NUM_SAMPLES.value)
             for label, name, options in _sampling_rows(long=length > train_len):
-                run = ar_run if name in sampling.AUTOREGRESSIVE else mdlm_run
-                _, summary = drawing.draw(run, sampling.get_sampler(name, **options),
-                                          num_samples=num_samples, length=length,
-                                          batch_size=batch, judge=ar_run)
+                sampler = sampling.get_sampler(name, **options)
+                run = ar_run if sampler.rule.network_kind == ar_run.network.kind else mdlm_run
+                _, summary = runs.sample(run, sampler, num_samples=num_samples, length=length,
+                                         batch_size=batch, judge=ar_run)
                 results.append({"label": label, "length": length, "batch": batch, **summary})
                 table.append(
                     f"| {length} | {batch} | {label} | {summary['mean_nfe']:.1f} | "

@@ -16,7 +16,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
 
 from absl import flags
 
@@ -137,19 +136,19 @@ def _cache_bytes(rule, network, length: int) -> int:
 
 def cost_section(command: str) -> str:
     import jax
-    import jax.numpy as jnp
 
-    from dlm.sampling import engine, loading, recipes
+    from dlm import runs as runs_lib
+    from dlm import sampling
 
     root = _ladder_root()
     block_run = root / f"bd3lm_b{_COST_BLOCK_SIZE.value}"
     for name, config, overrides in _ladder_runs():
         if root / name in (block_run, root / "mdlm"):
             _train(config, root / name, overrides)
-    runs = {"bd3lm": loading.load_run(block_run), "mdlm": loading.load_run(root / "mdlm")}
+    runs = {"bd3lm": runs_lib.load_run(block_run), "mdlm": runs_lib.load_run(root / "mdlm")}
     samplers = [
-        ("bd3lm (KV cache)", "bd3lm", recipes.get_sampler("bd3lm", kv_cache=True)),
-        ("bd3lm (no cache)", "bd3lm", recipes.get_sampler("bd3lm", kv_cache=False)),
+        ("bd3lm (KV cache)", "bd3lm", sampling.get_sampler("bd3lm", kv_cache=True)),
+        ("bd3lm (no cache)", "bd3lm", sampling.get_sampler("bd3lm", kv_cache=False)),
         ("mdlm (steps = length)", "mdlm", None),
     ]
     results: dict[str, dict[int, dict]] = {label: {} for label, _, _ in samplers}
@@ -161,17 +160,12 @@ def cost_section(command: str) -> str:
                 continue
             run = runs[run_name]
             if sampler is None:
-                sampler = recipes.get_sampler("mdlm", steps=length)
-            tokens, known, _ = engine.prefix_inputs(None, 1, length, run.network.vocab.mask_id)
-            args = (run.params, jnp.asarray(tokens), jnp.asarray(known), jax.random.key(0))
-            start = time.perf_counter()
-            compiled = engine.compile_run(sampler, run.network, *args)
-            compile_s = time.perf_counter() - start
-            start = time.perf_counter()
-            out = jax.block_until_ready(compiled(*args))
-            seconds = time.perf_counter() - start
-            results[label][length] = {"seconds": seconds, "nfe": int(out.nfe),
-                                      "compile": compile_s}
+                sampler = sampling.get_sampler("mdlm", steps=length)
+            drawn = sampling.draw(sampler, run.network, run.params, jax.random.key(0),
+                                  batch_size=1, length=length)
+            results[label][length] = {"seconds": drawn.seconds[0],
+                                      "nfe": int(drawn.output.nfe_B.max()),
+                                      "compile": drawn.compile_seconds}
             if cached:
                 memory[length] = _cache_bytes(sampler.rule, run.network, length)
     lengths = sorted({n for r in results.values() for n in r})

@@ -10,7 +10,7 @@ import json
 from absl import app, flags
 
 from configs import mdlm
-from dlm.sampling import drawing
+from dlm import runs
 from dlm.training import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/dlm_demo", "Where the demo run lives.")
@@ -33,7 +33,7 @@ def main(argv):
         "stderr_bits": round(scores["eval/bits_stderr"], 4),
         "workdir": _WORKDIR.value,
     }))
-    drawing.print_samples(_WORKDIR.value, "mdlm", num_samples=3, steps=128)
+    runs.print_samples(_WORKDIR.value, "mdlm", num_samples=3, steps=128)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ import time
 
 from absl import flags
 
-from dlm import sampling
-from dlm.sampling import drawing, loading
+from dlm import runs, sampling
 from dlm.training import trainer
 from experiments import report
 
@@ -70,14 +69,14 @@ def _claims(rows: list[dict]) -> list[str]:
 
 def edlm_section(command: str) -> str:
     start_all = time.perf_counter()
-    mdlm_run = loading.load_run(_MDLM.value)
-    judge = loading.load_run(_JUDGE.value)
-    ar_energy = loading.load_run(_AR_ENERGY.value)
-    nce = loading.load_run(_NCE.value)
+    mdlm_run = runs.load_run(_MDLM.value)
+    judge = runs.load_run(_JUDGE.value)
+    ar_energy = runs.load_run(_AR_ENERGY.value)
+    nce = runs.load_run(_NCE.value)
     methods = [("mdlm", mdlm_run, {}),
-               ("edlm-ar", loading.with_energy(mdlm_run, ar_energy),
+               ("edlm-ar", runs.with_energy(mdlm_run, ar_energy),
                 {"num_candidates": _CANDIDATES.value, "window_low": _WINDOW_LOW.value}),
-               ("edlm-nce", loading.with_energy(mdlm_run, nce),
+               ("edlm-nce", runs.with_energy(mdlm_run, nce),
                 {"num_candidates": _CANDIDATES.value, "window_low": _WINDOW_LOW.value})]
     length = int(mdlm_run.config.data.seq_len)
     rows = []
@@ -85,7 +84,7 @@ def edlm_section(command: str) -> str:
         for label, run, options in methods:
             name = "mdlm" if label == "mdlm" else "edlm"
             sampler = sampling.get_sampler(name, steps=steps, **options)
-            _, summary = drawing.draw(run, sampler, num_samples=_NUM_SAMPLES.value,
+            _, summary = runs.sample(run, sampler, num_samples=_NUM_SAMPLES.value,
                                       length=length, batch_size=_BATCH.value, judge=judge)
             seconds = length * _NUM_SAMPLES.value / summary["tokens_per_second"]
             rows.append(_row(label, steps, summary, seconds))

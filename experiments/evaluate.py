@@ -9,7 +9,8 @@ import json
 
 from absl import app, flags
 
-from dlm.training import distributed, trainer
+from dlm.parallel import distributed
+from dlm.training import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to score (default: config.eval.split).")

@@ -20,11 +20,11 @@ import json
 
 from absl import app, flags
 
-from dlm.sampling import drawing, recipes
-from dlm.training import distributed
+from dlm import runs, sampling
+from dlm.parallel import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to sample from.")
-_SAMPLER = flags.DEFINE_string("sampler", "mdlm", f"One of {', '.join(recipes.SAMPLERS)}.")
+_SAMPLER = flags.DEFINE_string("sampler", "mdlm", f"One of {', '.join(sampling.SAMPLERS)}.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "How many samples.")
 _LENGTH = flags.DEFINE_integer("length", None,
                                "Tokens per sample, prompt included (default: the run's "
@@ -78,7 +78,7 @@ def main(parsed):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.initialize_from_flags()
-    summary = drawing.sample_to_file(
+    summary = runs.sample_to_file(
         _WORKDIR.value, _SAMPLER.value, _OUT.value, num_samples=_NUM_SAMPLES.value,
         length=_LENGTH.value, steps=_STEPS.value, prompt=_PROMPT.value, seed=_SEED.value,
         batch_size=_BATCH_SIZE.value, judge_workdir=_JUDGE.value, overrides=overrides,

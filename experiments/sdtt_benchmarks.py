@@ -132,7 +132,7 @@ def _sample_rows(root: pathlib.Path, label: str, workdir, judge_workdir: str,
     Rows are cached in ROOT/samples/<label>.json (with the sample count in the key), so an
     interrupted suite resumes where it stopped.
     """
-    from dlm.sampling import drawing, loading
+    from dlm import runs
 
     cache = root / "samples" / f"{label}.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
@@ -140,11 +140,11 @@ def _sample_rows(root: pathlib.Path, label: str, workdir, judge_workdir: str,
     missing = [s for s in steps_list
                if key(s, _NUM_SAMPLES.value, _BATCH.value) not in done]
     if missing:
-        run, judge = loading.load_run(workdir), loading.load_run(judge_workdir)
+        run, judge = runs.load_run(workdir), runs.load_run(judge_workdir)
         length = int(run.config.data.seq_len)
         for steps in missing:
-            sampler = drawing.make_sampler("mdlm", steps, {})
-            _, summary = drawing.draw(run, sampler, num_samples=_NUM_SAMPLES.value,
+            sampler = runs.make_sampler("mdlm", steps, {})
+            _, summary = runs.sample(run, sampler, num_samples=_NUM_SAMPLES.value,
                                       length=length, seed=0, batch_size=_BATCH.value,
                                       judge=judge)
             done[key(steps, _NUM_SAMPLES.value, _BATCH.value)] = summary

@@ -16,7 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dlm.training import distributed, preemption, trainer
+from dlm.parallel import distributed
+from dlm.training import preemption, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")

@@ -38,18 +38,22 @@ def save_run(workdir, config, tokenizer, *, step: int = 0, replace=None):
     """A workdir as training leaves it: config, tokenizer and a checkpoint at `step` of the
     initial state, changed by `replace(module, state) -> state` when given.
     Returns (module, state)."""
+    from dlm import parallel, runs
     from dlm.diffusion import make_process
     from dlm.models import build_model
-    from dlm.training import checkpoint, experiment, mesh, optimizer
+    from dlm.runs import checkpoint
+    from dlm.training import experiment, optimizer
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True)
-    (workdir / experiment.CONFIG_FILE).write_text(config.to_json_best_effort())
-    tokenizer.save(workdir / experiment.TOKENIZER_DIR)
+    (workdir / runs.CONFIG_FILE).write_text(config.to_json_best_effort())
+    tokenizer.save(workdir / runs.TOKENIZER_DIR)
     module = build_model(config.model, tokenizer.vocab_size)
+    process = make_process(config, vocab_size=tokenizer.vocab_size)
     skeleton = experiment.Experiment(
-        config, None, module, make_process(config, vocab_size=tokenizer.vocab_size),
-        mesh.make_mesh(), optimizer.make_optimizer(config.optimizer, config.total_steps))
+        config, None, module, process, parallel.make_mesh(),
+        optimizer.make_optimizer(config.optimizer, config.total_steps),
+        parallel.frozen_modules(process, module, config.model, tokenizer.vocab_size))
     state = skeleton.init_state()
     if replace is not None:
         state = replace(module, state)

@@ -105,6 +105,6 @@ def test_make_process_ar():
     config = ml_collections.ConfigDict({"process": {"name": "ar"}, "model": {"vocab_size": 9}})
     ar = process.make_process(config)
     assert ar == autoregressive.Autoregressive(mask_id=8)
-    assert ar.attention_kind == "causal"
+    assert ar.network_kind == "causal"
     with pytest.raises(ValueError, match=r"process\.name.*mdlm, bd3lm, ar"):
         process.make_process(ml_collections.ConfigDict({"process": {"name": "gpt"}}))

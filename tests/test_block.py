@@ -12,10 +12,10 @@ from helpers import small_config
 from configs import bd3lm, mdlm
 from dlm.data import pipeline
 from dlm.diffusion import block, masked, process, schedules
-from dlm.models import configs as model_configs
-from dlm.training import checkpoint as checkpoint_lib
+from dlm.models import registry as model_registry
+from dlm.parallel import model_fn as bind_model
+from dlm.runs import checkpoint as checkpoint_lib
 from dlm.training import experiment, trainer
-from dlm.training.step import model_fn as bind_model
 
 VOCAB = 12
 MASK = VOCAB - 1
@@ -24,7 +24,7 @@ MASK = VOCAB - 1
 def _network(length, seed=0, scale=0.3):
     """A small DiT whose parameters are all perturbed (its output layer starts at zero)."""
     config = small_config("/unused").model
-    module = model_configs.build_model(config, VOCAB)
+    module = model_registry.build_model(config, VOCAB)
     params = module.init(jax.random.key(seed), jnp.zeros((1, length), jnp.int32), None)["params"]
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))

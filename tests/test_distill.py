@@ -10,16 +10,18 @@ import pytest
 from helpers import small_config
 
 from configs import mdlm, sdtt
-from dlm import config_validation
+from dlm import parallel, runs
 from dlm.data import pipeline
 from dlm.diffusion import distill
 from dlm.diffusion import process as process_lib
-from dlm.models import configs as model_configs
-from dlm.sampling import drawing, loading, networks
-from dlm.training import checkpoint as checkpoint_lib
-from dlm.training import experiment, trainer
-from dlm.training import mesh as mesh_lib
-from dlm.training.step import make_train_step, model_fn
+from dlm.models import registry as model_registry
+from dlm.parallel import mesh as mesh_lib
+from dlm.parallel import model_fn
+from dlm.runs import checkpoint as checkpoint_lib
+from dlm.runs import drawing
+from dlm.sampling import networks
+from dlm.training import config_validation, experiment, trainer
+from dlm.training.step import make_train_step
 
 VOCAB = 11
 BATCH, LENGTH = 4, 16
@@ -31,6 +33,18 @@ def _process(**process_overrides):
     return process_lib.make_process(config, vocab_size=VOCAB)
 
 
+# The network SDTT distils: the run's own DiT (its teacher is a frozen copy of it).
+MODULE = model_registry.build_model(small_config("/unused", sdtt).model, VOCAB)
+
+
+def _teacher_state(proc, teacher):
+    return proc.init_state({"teacher": teacher})
+
+
+def _frozen(state):
+    return parallel.frozen_fns({"teacher": MODULE}, state)
+
+
 def _batch(seed=0):
     tokens_BL = jax.random.randint(jax.random.PRNGKey(seed), (BATCH, LENGTH), 0, VOCAB - 1)
     return {"tokens": tokens_BL, "loss_mask": jnp.ones((BATCH, LENGTH), jnp.float32),
@@ -39,7 +53,7 @@ def _batch(seed=0):
 
 def _params(proc, seed):
     """Fresh weights plus noise: the zero-initialised output layer alone gives uniform logits."""
-    params = model_configs.init_params(proc.teacher_module, LENGTH, jax.random.PRNGKey(seed))
+    params = model_registry.init_params(MODULE, LENGTH, jax.random.PRNGKey(seed))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(100 + seed), len(leaves))
     return jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
@@ -50,9 +64,10 @@ def _losses(proc, student, state):
     """{divergence: (loss, metrics)} of `proc` with each divergence, in one compilation."""
     @jax.jit
     def losses(student, state):
-        fn = model_fn(proc.teacher_module, student, train=False)
+        fn = model_fn(MODULE, student, train=False)
         return {name: dataclasses.replace(proc, divergence=name).loss(
-            fn, _batch(), jax.random.PRNGKey(1), num_examples=BATCH, state=state)
+            fn, _batch(), jax.random.PRNGKey(1), num_examples=BATCH, state=state,
+            frozen=_frozen(state))
             for name in distill.DIVERGENCES}
 
     return losses(student, state)
@@ -61,7 +76,7 @@ def _losses(proc, student, state):
 def test_student_equal_to_teacher_with_tiny_dt_has_zero_loss():
     proc = _process(teacher_steps=2**26, round_steps=1000)
     teacher = _params(proc, 0)
-    state = proc.init_state(teacher)
+    state = _teacher_state(proc, teacher)
     same, other = _losses(proc, teacher, state), _losses(proc, _params(proc, 1), state)
     for name in distill.DIVERGENCES:
         loss, metrics = same[name]
@@ -77,10 +92,11 @@ def test_gradients_are_finite_and_reach_only_the_student():
     @jax.jit
     def grads(student, teacher):
         def loss_of(student, teacher, name):
-            fn = model_fn(proc.teacher_module, student, train=False)
+            fn = model_fn(MODULE, student, train=False)
+            state = {"teacher": teacher, "round": jnp.int32(1)}
             return dataclasses.replace(proc, divergence=name).loss(
-                fn, _batch(), jax.random.PRNGKey(1), num_examples=BATCH,
-                state={"teacher": teacher, "round": jnp.int32(1)})[0]
+                fn, _batch(), jax.random.PRNGKey(1), num_examples=BATCH, state=state,
+                frozen=_frozen(state))[0]
 
         return {name: jax.grad(loss_of, argnums=(0, 1))(student, teacher, name)
                 for name in distill.DIVERGENCES}
@@ -141,7 +157,7 @@ def test_targets_come_from_the_step_that_revealed_each_position():
 def test_round_schedule_doubles_dt_and_swaps_the_teacher():
     proc = _process(round_steps=3, teacher_steps=64)
     teacher, student, ema = _params(proc, 0), _params(proc, 1), _params(proc, 2)
-    state = proc.init_state(teacher)
+    state = _teacher_state(proc, teacher)
     step_sizes = []
     for step in range(1, 10):
         step_sizes.append(float(proc.step_size(state["round"])))
@@ -155,7 +171,7 @@ def test_round_schedule_doubles_dt_and_swaps_the_teacher():
     assert step_sizes == [1 / 64] * 3 + [2 / 64] * 3 + [4 / 64] * 3
     # Without EMA the student's own weights become the teacher.
     no_ema = _process(round_steps=3, teacher_from_ema=False)
-    state = no_ema.next_state(no_ema.init_state(teacher), student, ema, jnp.int32(3))
+    state = no_ema.next_state(_teacher_state(no_ema, teacher), student, ema, jnp.int32(3))
     jax.tree.map(np.testing.assert_array_equal, state["teacher"], student)
 
 
@@ -175,10 +191,11 @@ def test_bad_sdtt_configs_name_the_key(key, value, message):
 
 def test_a_teacher_of_another_size_is_refused():
     proc = _process()
-    other = model_configs.build_model(
+    other = model_registry.build_model(
         small_config("/unused", mdlm, **{"model.hidden": 16}).model, VOCAB)
     with pytest.raises(ValueError, match="config.model must match"):
-        proc.init_state(model_configs.init_params(other, LENGTH, jax.random.PRNGKey(0)))
+        parallel.frozen_params(proc, {"teacher": MODULE}, LENGTH,
+                               model_registry.init_params(other, LENGTH, jax.random.PRNGKey(0)))
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +205,7 @@ def teacher_run(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     workdir = tmp_path_factory.mktemp("runs") / "mdlm"
     exp = experiment.build(small_config(data_dir, mdlm))
-    experiment.save_run_files(exp, workdir)
+    runs.save_run_files(exp.config, exp.tokenizer, workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=1, asynchronous=False)
     checkpointer.save(2, exp.init_state(), None)
     checkpointer.close()
@@ -209,14 +226,14 @@ def test_rounds_survive_a_checkpoint_in_the_middle_of_a_round(teacher_run, tmp_p
     exp = experiment.build(_sdtt_config(teacher_run))
     checkpointer = checkpoint_lib.Checkpointer(tmp_path / "sdtt", keep=2, asynchronous=False)
     initial = trainer._restore_or_init(exp, checkpointer, None)
-    source, _ = experiment.load_weights(teacher_run[1], exp.mesh)
+    source, _ = runs.load_weights(teacher_run[1], exp.mesh)
     for tree in (initial.process_state["teacher"], initial.params):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree),
                      jax.device_get(source))
     step_fn = make_train_step(exp.model, exp.process, exp.tx, exp.mesh,
                               ema_decay=exp.config.optimizer.ema_decay, grad_accum_steps=1,
                               global_batch=exp.config.data.batch_size,
-                              state_sharding=exp.state_sharding())
+                              state_sharding=exp.state_sharding(), frozen=exp.frozen)
     iterator = pipeline.train_iterator(exp.config.data, exp.corpus, seed=0)
     batches = [mesh_lib.global_batch(next(iterator), exp.mesh) for _ in range(6)]
     copy = jax.tree.map(jnp.copy, initial)  # the step donates its input
@@ -265,7 +282,7 @@ def test_trainer_keeps_each_rounds_student_and_resumes_mid_round(teacher_run, tm
     final = _restore(config, tmp_path / "straight", 6)
     jax.tree.map(np.testing.assert_array_equal, final,
                  _restore(config, tmp_path / "resumed", 6))
-    rounds = tmp_path / "straight" / trainer.ROUNDS_DIR
+    rounds = tmp_path / "straight" / runs.ROUNDS_DIR
     assert sorted(p.name for p in rounds.iterdir()) == ["16_steps", "4_steps", "8_steps"]
     for name, step in [("16_steps", 2), ("8_steps", 4), ("4_steps", 6)]:
         assert int(_restore(config, rounds / name, None).step) == step
@@ -273,10 +290,10 @@ def test_trainer_keeps_each_rounds_student_and_resumes_mid_round(teacher_run, tm
                  final)
     jax.tree.map(np.testing.assert_array_equal,
                  _restore(config, rounds / "8_steps", None),
-                 _restore(config, tmp_path / "resumed" / trainer.ROUNDS_DIR / "8_steps", None))
+                 _restore(config, tmp_path / "resumed" / runs.ROUNDS_DIR / "8_steps", None))
     out = tmp_path / "samples.jsonl"
-    summary = drawing.sample_to_file(str(rounds / "8_steps"), "mdlm", str(out), num_samples=2,
-                                     length=32, steps=8, batch_size=2)
+    summary = runs.sample_to_file(str(rounds / "8_steps"), "mdlm", str(out), num_samples=2,
+                                  length=32, steps=8, batch_size=2)
     assert summary["num_samples"] == 2 and summary["mean_nfe"] <= 9
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(len(r["tokens"]) == 32 for r in rows)
@@ -285,14 +302,14 @@ def test_trainer_keeps_each_rounds_student_and_resumes_mid_round(teacher_run, tm
 def test_a_kept_student_loads_as_a_masked_diffusion_run(teacher_run, tmp_path):
     """A round's directory (written as the trainer does) is a masked diffusion run."""
     exp = experiment.build(_sdtt_config(teacher_run))
-    directory = tmp_path / "run" / trainer.ROUNDS_DIR / "8_steps"
+    directory = tmp_path / "run" / runs.ROUNDS_DIR / "8_steps"
     state = exp.init_state()
     trainer._keep_round(exp, directory, 4, state)
     trainer._keep_round(exp, directory, 4, state)  # a resumed run finds it: kept as is
-    files = loading.read_run(directory)
-    assert not files.is_block and not files.is_autoregressive
-    drawing.check_compatible(drawing.make_sampler("mdlm", 8, {}), files)
-    run = loading.load_run(files)
+    files = runs.read_run(directory)
+    assert files.network_kind == "denoiser"
+    drawing.check_compatible(runs.make_sampler("mdlm", 8, {}), files)
+    run = runs.load_run(files)
     assert isinstance(run.network, networks.Denoiser) and run.step == 4
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.params),
                  jax.device_get(state.ema_params))

@@ -11,15 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import toy_networks
 from helpers import small_config
 
 from configs import ar, edlm, mdlm
-from dlm import sampling
+from dlm import parallel, sampling
+from dlm import runs as runs_lib
 from dlm.diffusion import energy as energy_lib
 from dlm.diffusion import masked, schedules
-from dlm.models import configs as model_configs
-from dlm.sampling import drawing, networks, toy
-from dlm.training import checkpoint as checkpoint_lib
+from dlm.models import registry as model_registry
+from dlm.runs import checkpoint as checkpoint_lib
+from dlm.sampling import networks
 from dlm.training import experiment, trainer
 
 VOCAB, N = 4, 20_000
@@ -37,13 +39,14 @@ def _diagonal_joint():
 
 
 def _energy_network(length):
-    denoiser = toy.JointDenoiser(VOCAB, length)
-    return networks.EnergyDenoiser(denoiser.network(), toy.JointResidualEnergy(VOCAB, length))
+    denoiser = toy_networks.JointDenoiser(VOCAB, length)
+    return networks.EnergyDenoiser(denoiser.network(),
+                                   toy_networks.JointResidualEnergy(VOCAB, length))
 
 
 def _draw(name, network, params, length, batch_size=N, seed=0, **options):
-    out = sampling.generate(sampling.get_sampler(name, **options), network, params,
-                            jax.random.PRNGKey(seed), batch_size=batch_size, length=length)
+    out = sampling.draw(sampling.get_sampler(name, **options), network, params,
+                        jax.random.PRNGKey(seed), batch_size=batch_size, length=length).output
     return np.asarray(out.tokens_BL), np.asarray(out.nfe_B)
 
 
@@ -61,26 +64,27 @@ def test_importance_sampling_follows_the_closed_form(k):
     off = (1.0 - 1.0 / VOCAB) ** k
     expected = np.full((VOCAB, VOCAB), off / (VOCAB * VOCAB - VOCAB))
     np.fill_diagonal(expected, (1.0 - off) / VOCAB)
-    empirical = toy.empirical(tokens, VOCAB)
-    assert _tv(empirical, expected.reshape(-1)) < toy.tv_bound(expected.reshape(-1), N)
+    empirical = toy_networks.empirical(tokens, VOCAB)
+    assert _tv(empirical, expected.reshape(-1)) < toy_networks.tv_bound(expected.reshape(-1), N)
     truth = np.exp(log_joint.astype(np.float64))
-    assert abs(_tv(empirical, truth) - off) < toy.tv_bound(expected.reshape(-1), N)
+    assert abs(_tv(empirical, truth) - off) < toy_networks.tv_bound(expected.reshape(-1), N)
 
 
 def test_importance_sampling_moves_a_random_joint_towards_the_truth():
     """Three positions, a random strongly dependent joint, two steps: the factorised sampler
     is far from the joint; 16 candidates under the exact energy bring it much closer."""
     vocab, length = 3, 3
-    log_joint = toy.random_log_joint(np.random.default_rng(0), vocab, length)
-    model = toy.JointDenoiser(vocab, length)
-    network = networks.EnergyDenoiser(model.network(), toy.JointResidualEnergy(vocab, length))
+    log_joint = toy_networks.random_log_joint(np.random.default_rng(0), vocab, length)
+    model = toy_networks.JointDenoiser(vocab, length)
+    network = networks.EnergyDenoiser(model.network(),
+                                      toy_networks.JointResidualEnergy(vocab, length))
     params = {"denoiser": jnp.asarray(log_joint), "energy": jnp.asarray(log_joint)}
     truth = np.exp(log_joint.astype(np.float64))
     distances = {}
     for k in (1, 16):
         tokens, _ = _draw("edlm", network, params, length, num_candidates=k, steps=2)
-        distances[k] = _tv(toy.empirical(tokens, vocab), truth)
-    bound = toy.tv_bound(truth, N)
+        distances[k] = _tv(toy_networks.empirical(tokens, vocab), truth)
+    bound = toy_networks.tv_bound(truth, N)
     assert distances[1] > 4 * bound
     assert distances[16] < distances[1] / 3
 
@@ -90,9 +94,10 @@ def test_importance_sampling_moves_a_random_joint_towards_the_truth():
                                       "window_high": 0.0}])
 def test_one_candidate_or_outside_the_window_is_mdlm_exactly(options):
     vocab, length = 3, 3
-    log_joint = toy.random_log_joint(np.random.default_rng(1), vocab, length)
-    model = toy.JointDenoiser(vocab, length)
-    network = networks.EnergyDenoiser(model.network(), toy.JointResidualEnergy(vocab, length))
+    log_joint = toy_networks.random_log_joint(np.random.default_rng(1), vocab, length)
+    model = toy_networks.JointDenoiser(vocab, length)
+    network = networks.EnergyDenoiser(model.network(),
+                                      toy_networks.JointResidualEnergy(vocab, length))
     params = {"denoiser": jnp.asarray(log_joint), "energy": jnp.asarray(log_joint)}
     edlm_tokens, edlm_nfe = _draw("edlm", network, params, length, batch_size=64, steps=4,
                                   **options)
@@ -123,26 +128,27 @@ def test_sampler_errors():
         sampling.get_sampler("edlm", window_low=0.8, window_high=0.2)
     with pytest.raises(ValueError, match="energy_temperature"):
         sampling.get_sampler("edlm", energy_temperature=0.0)
-    model = toy.JointDenoiser(VOCAB, 2)
-    with pytest.raises(ValueError, match="EnergyDenoiser"):
+    model = toy_networks.JointDenoiser(VOCAB, 2)
+    with pytest.raises(ValueError, match=r"sampler 'edlm' cannot sample a masked diffusion "
+                                         r"network: it needs a denoiser\+energy network"):
         _draw("edlm", model.network(), jnp.asarray(_diagonal_joint()), 2, batch_size=2)
 
 
 def _tiny_model_config(name, vocab_size):
-    config = model_configs.model_config("micro", name=name)
+    config = model_registry.model_config("micro", name=name)
     config.update(hidden=16, layers=1, heads=2, kv_heads=2, cond_dim=16)
-    return model_configs.build_model(config, vocab_size)
+    return model_registry.build_model(config, vocab_size)
 
 
 def test_ar_energy_against_prefix_by_prefix_scoring():
     vocab_size, length, batch = 6, 7, 3
     module = _tiny_model_config("transformer", vocab_size)
-    params = model_configs.init_params(module, length, jax.random.PRNGKey(0))
+    params = model_registry.init_params(module, length, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     x0 = rng.integers(0, vocab_size - 1, (batch, length)).astype(np.int32)
     xt = np.where(rng.random((batch, length)) < 0.5, vocab_size - 1, x0).astype(np.int32)
     log_p = np.where(xt == vocab_size - 1, rng.normal(size=(batch, length)), 0.0)
-    energy = energy_lib.ARResidualEnergy(module)(
+    energy = sampling.energy_from_flax(module, "causal")(
         params, jnp.asarray(x0), jnp.asarray(xt), None, jnp.asarray(log_p, jnp.float32),
         vocab_size - 1)
     # Reference: one forward pass per prefix, with everything after it overwritten, so the
@@ -167,10 +173,10 @@ def _toy_nce(nll_negatives=1):
     zero-initialised head makes p_theta uniform, so negatives rarely keep the pairs."""
     vocab_size, length = 5, 4
     diffusion = masked.MaskedDiffusion(schedules.LogLinearSchedule(), vocab_size - 1)
-    process = energy_lib.EnergyNCE(diffusion, _tiny_model_config("dit", vocab_size), length,
-                                   nll_negatives=nll_negatives)
+    process = energy_lib.EnergyNCE(diffusion, nll_negatives=nll_negatives)
     module = _tiny_model_config("energy", vocab_size)
-    return process, module, vocab_size, length
+    frozen = {"denoiser": _tiny_model_config("dit", vocab_size)}
+    return process, module, frozen, vocab_size, length
 
 
 def _pairs(rng, batch):
@@ -181,16 +187,17 @@ def _pairs(rng, batch):
 
 
 def test_nce_separates_data_from_denoiser_samples():
-    process, module, _, length = _toy_nce()
-    state = process.init_state(None)
-    params = model_configs.init_params(module, length, jax.random.PRNGKey(1))
+    process, module, frozen, _, length = _toy_nce()
+    state = process.init_state(parallel.frozen_params(process, frozen, length))
+    params = model_registry.init_params(module, length, jax.random.PRNGKey(1))
     tx = optax.adam(3e-3)
     opt_state = tx.init(params)
 
     def loss_fn(params, batch, rng):
         def fn(x0, t, **options):
             return module.apply({"params": params}, x0, t, train=False, **options)
-        return process.loss(fn, batch, rng, num_examples=64, state=state)
+        return process.loss(fn, batch, rng, num_examples=64, state=state,
+                            frozen=parallel.frozen_fns(frozen, state))
 
     @jax.jit
     def update(params, opt_state, batch, rng):
@@ -209,13 +216,13 @@ def test_nce_separates_data_from_denoiser_samples():
 
 
 def test_nce_nll_with_a_zero_energy_is_mdlm_bound_of_the_denoiser():
-    process, module, vocab_size, length = _toy_nce(nll_negatives=3)
-    state = process.init_state(None)
+    process, module, frozen, vocab_size, length = _toy_nce(nll_negatives=3)
+    state = process.init_state(parallel.frozen_params(process, frozen, length))
     # A trained-looking denoiser: random (non-zero) weights everywhere.
     state = {"denoiser": jax.tree.map(
         lambda x: 0.3 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape),
         state["denoiser"])}
-    params = model_configs.init_params(module, length, jax.random.PRNGKey(1))  # E == 0
+    params = model_registry.init_params(module, length, jax.random.PRNGKey(1))  # E == 0
     batch = _pairs(np.random.default_rng(0), 16)
     rng = jax.random.PRNGKey(3)
 
@@ -223,9 +230,10 @@ def test_nce_nll_with_a_zero_energy_is_mdlm_bound_of_the_denoiser():
         return module.apply({"params": params}, x0, t, train=False, **options)
 
     def denoiser_fn(xt, t, **options):
-        return process.denoiser.apply({"params": state["denoiser"]}, xt, t, train=False)
+        return frozen["denoiser"].apply({"params": state["denoiser"]}, xt, t, train=False)
 
-    nll, count = process.nll(energy_fn, batch, rng, num_examples=16, state=state)
+    nll, count = process.nll(energy_fn, batch, rng, num_examples=16, state=state,
+                             frozen=parallel.frozen_fns(frozen, state))
     noise_rng = jax.random.split(jax.random.split(rng)[0])[0]  # what the pair draws from
     reference, ref_count = process.diffusion.nll(denoiser_fn, batch, noise_rng,
                                                  num_examples=16)
@@ -266,8 +274,8 @@ def runs(tmp_path_factory, data_dir):
 def test_nce_run_starts_from_the_mdlm_and_keeps_it_frozen(runs, data_dir):
     root, final = runs
     assert math.isfinite(final["eval/nll_nats_per_token"])
-    mdlm_params, _ = experiment.load_weights(root / "mdlm", experiment.mesh_lib.make_mesh())
-    exp = experiment.build(experiment.load_config(root / "nce"))
+    mdlm_params, _ = runs_lib.load_weights(root / "mdlm", parallel.make_mesh())
+    exp = experiment.build(runs_lib.load_config(root / "nce"))
     state, _ = checkpoint_lib.restore_from_workdir(
         root / "nce", checkpoint_lib.abstract_like(exp.init_state()))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.process_state["denoiser"]),
@@ -291,7 +299,7 @@ def test_nce_from_a_different_size_fails_clearly(runs, data_dir, tmp_path):
 def test_sample_with_either_energy(runs, tmp_path, energy):
     root, _ = runs
     out = tmp_path / "samples.jsonl"
-    summary = drawing.sample_to_file(
+    summary = runs_lib.sample_to_file(
         str(root / "mdlm"), "edlm", str(out), num_samples=4, length=32, batch_size=4,
         energy_workdir=str(root / energy), judge_workdir=str(root / "ar"),
         overrides={"num_candidates": 3, "steps": 8})
@@ -307,12 +315,12 @@ def test_sample_entry_errors(runs, tmp_path):
     root, _ = runs
     out = str(tmp_path / "s.jsonl")
     with pytest.raises(ValueError, match="needs --energy_workdir"):
-        drawing.sample_to_file(str(root / "mdlm"), "edlm", out, num_samples=1)
+        runs_lib.sample_to_file(str(root / "mdlm"), "edlm", out, num_samples=1)
     with pytest.raises(ValueError, match="only for edlm"):
-        drawing.sample_to_file(str(root / "mdlm"), "mdlm", out, num_samples=1,
+        runs_lib.sample_to_file(str(root / "mdlm"), "mdlm", out, num_samples=1,
                                energy_workdir=str(root / "ar"))
     with pytest.raises(ValueError, match="energy run"):
-        drawing.sample_to_file(str(root / "nce"), "mdlm", out, num_samples=1)
+        runs_lib.sample_to_file(str(root / "nce"), "mdlm", out, num_samples=1)
     with pytest.raises(ValueError, match="neither an AR run"):
-        drawing.sample_to_file(str(root / "mdlm"), "edlm", out, num_samples=1,
+        runs_lib.sample_to_file(str(root / "mdlm"), "edlm", out, num_samples=1,
                                energy_workdir=str(root / "mdlm"))

@@ -18,10 +18,10 @@ from helpers import save_run, small_config
 from configs import ar as ar_config
 from configs import bd3lm as bd3lm_config
 from configs import mdlm as mdlm_config
+from dlm import runs
 from dlm.data.tokenizers import CharTokenizer, GPT2Tokenizer
 from dlm.export import convert, exporter, hf, layout, torch_reference
 from dlm.models import build_model
-from dlm.training import experiment
 
 TEXT = "abcdefgh \n"
 REL_TOL = 1e-5  # max |exported - dlm| / max |dlm| in float32
@@ -373,7 +373,7 @@ def test_export_workdir(saved_run, tmp_path):
         exporter.export_workdir(tmp_path / "nowhere", tmp_path / "x")
     # A workdir whose config says 3 layers where its checkpoint has 2.
     shutil.copytree(run, tmp_path / "run")
-    config_file = tmp_path / "run" / experiment.CONFIG_FILE
+    config_file = tmp_path / "run" / runs.CONFIG_FILE
     config = json.loads(config_file.read_text())
     config["model"]["layers"] = 3
     config_file.write_text(json.dumps(config))

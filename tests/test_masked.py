@@ -351,7 +351,7 @@ def test_make_process_mdlm():
     assert diffusion == masked.MaskedDiffusion(
         schedules.CosineSchedule(eps=1e-3), mask_id=9, t_min=1e-2, num_timesteps=16
     )
-    assert diffusion.attention_kind == "full"
+    assert diffusion.network_kind == "denoiser"
     assert process.make_process(_config(), vocab_size=7).mask_id == 6
 
 

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from helpers import small_config, train_losses
 
-from dlm.training import checkpoint as checkpoint_lib
-from dlm.training import distributed, experiment, preemption, trainer
+from dlm import runs
+from dlm.parallel import distributed
+from dlm.runs import checkpoint as checkpoint_lib
+from dlm.training import experiment, preemption, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 24  # long enough for a signal to land mid-run
@@ -119,7 +121,7 @@ def _checkpoint_steps(workdir) -> list[int]:
 
 def _checkpoint(workdir, step: int):
     """(train state as numpy, {data iterator file: content}) of checkpoint `step`."""
-    exp = experiment.build(experiment.load_config(workdir))
+    exp = experiment.build(runs.load_config(workdir))
     state, _ = checkpoint_lib.restore_from_workdir(
         workdir, checkpoint_lib.abstract_like(exp.init_state()), step=step)
     data = workdir / "checkpoints" / str(step) / "data"

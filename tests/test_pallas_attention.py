@@ -24,8 +24,8 @@ from configs import ar, mdlm
 from dlm.data import pipeline
 from dlm.models.attention import attend
 from dlm.models.masks import MaskSpec
+from dlm.parallel import mesh as mesh_lib
 from dlm.training import experiment
-from dlm.training import mesh as mesh_lib
 from dlm.training.step import make_train_step
 from experiments import report
 from pallas_kernels import BlockSizes, block_sparse_attention, make_plan, tile_visits

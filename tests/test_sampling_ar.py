@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import toy_networks
 
 from dlm import sampling
 from dlm.diffusion import Autoregressive
 from dlm.models import build_model, model_config
-from dlm.sampling import toy
 
 V = 24  # mask id 23
 L = 12
@@ -41,8 +41,8 @@ def _greedy_by_full_forwards(model, params, prompt_BP, length):
 def test_greedy_with_cache_equals_greedy_by_full_forwards(transformer, prompt_len):
     model, params, network = transformer
     prompt = np.random.default_rng(prompt_len).integers(0, V - 1, (3, prompt_len))
-    out = sampling.generate(sampling.get_sampler("ar", temperature=0.0), network, params,
-                            jax.random.PRNGKey(0), batch_size=3, length=L, prompt=prompt)
+    out = sampling.draw(sampling.get_sampler("ar", temperature=0.0), network, params,
+                        jax.random.PRNGKey(0), batch_size=3, length=L, prompt=prompt).output
     np.testing.assert_array_equal(out.tokens_BL, _greedy_by_full_forwards(model, params,
                                                                          prompt, L))
     prefill_calls = int(prompt_len > 1)
@@ -51,9 +51,9 @@ def test_greedy_with_cache_equals_greedy_by_full_forwards(transformer, prompt_le
 
 def test_top_k_one_is_greedy_and_sampling_varies(transformer):
     _, params, network = transformer
-    run = lambda **options: np.asarray(sampling.generate(
+    run = lambda **options: np.asarray(sampling.draw(
         sampling.get_sampler("ar", **options), network, params, jax.random.PRNGKey(0),
-        batch_size=8, length=L, prompt=[5]).tokens_BL)
+        batch_size=8, length=L, prompt=[5]).output.tokens_BL)
     greedy = run(temperature=0.0)
     np.testing.assert_array_equal(run(top_k=1), greedy)
     np.testing.assert_array_equal(run(top_p=1e-6), greedy)
@@ -63,11 +63,11 @@ def test_top_k_one_is_greedy_and_sampling_varies(transformer):
 
 
 def test_stop_at_eos_ends_the_sample():
-    log_joint = toy.random_log_joint(np.random.default_rng(2), 3, 5)
-    model = toy.JointCausalLM(3, 5)  # eos_id 0, pad_id 1
+    log_joint = toy_networks.random_log_joint(np.random.default_rng(2), 3, 5)
+    model = toy_networks.JointCausalLM(3, 5)  # eos_id 0, pad_id 1
     sampler = sampling.get_sampler("ar", stop_at_eos=True, eos_fill="pad")
-    out = sampling.generate(sampler, model.network(), jnp.asarray(log_joint),
-                            jax.random.PRNGKey(0), batch_size=256, length=5, prompt=[2])
+    out = sampling.draw(sampler, model.network(), jnp.asarray(log_joint),
+                        jax.random.PRNGKey(0), batch_size=256, length=5, prompt=[2]).output
     tokens = np.asarray(out.tokens_BL)
     ended = np.zeros(len(tokens), bool)
     for b, row in enumerate(tokens):
@@ -82,5 +82,5 @@ def test_stop_at_eos_ends_the_sample():
 def test_autoregressive_needs_a_first_token(transformer):
     _, params, network = transformer
     with pytest.raises(ValueError, match="needs a prompt of at least one token"):
-        sampling.generate(sampling.get_sampler("ar"), network, params, jax.random.PRNGKey(0),
-                          batch_size=2, length=L)
+        sampling.draw(sampling.get_sampler("ar"), network, params, jax.random.PRNGKey(0),
+                      batch_size=2, length=L)

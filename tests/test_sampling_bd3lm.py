@@ -11,16 +11,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import toy_networks
 from test_sampling_entry import _save_run
 
 from configs import bd3lm as bd3lm_config
 from dlm import sampling
-from dlm.diffusion import LogLinearSchedule, MaskedDiffusion
+from dlm.diffusion import LogLinearSchedule, MaskedDiffusion, make_process
 from dlm.diffusion.block import BlockDiffusion
 from dlm.models import build_model, model_config
 from dlm.models.kv_cache import KVCache
-from dlm.sampling import blocks, drawing, loading, toy
-from dlm.sampling.state import initial_state
+from dlm.runs import drawing, workdir
+from dlm.sampling import block_unmask
+from dlm.sampling.state import SamplerState
 
 V = 24  # mask id 23
 L = 16
@@ -59,10 +61,10 @@ def dit():
     return _dit(layers=2)
 
 
-def _generate(network, params, seed=0, batch=3, length=L, prompt=None, **options):
-    return sampling.generate(sampling.get_sampler("bd3lm", **options), network, params,
-                             jax.random.PRNGKey(seed), batch_size=batch, length=length,
-                             prompt=prompt)
+def _draw(network, params, seed=0, batch=3, length=L, prompt=None, **options):
+    return sampling.draw(sampling.get_sampler("bd3lm", **options), network, params,
+                         jax.random.PRNGKey(seed), batch_size=batch, length=length,
+                         prompt=prompt).output
 
 
 @pytest.mark.parametrize("block_size,policy", [(4, "first_hitting"), (4, "mdlm"),
@@ -71,8 +73,8 @@ def test_cached_equals_no_cache_reference(dit, block_size, policy):
     model, params = dit
     network = _network(model, block_size)
     prompt = [2, 3, 4, 5, 6, 7]  # ends in the middle of the second block of 4
-    cached = _generate(network, params, prompt=prompt, policy=policy)
-    reference = _generate(network, params, prompt=prompt, policy=policy, kv_cache=False)
+    cached = _draw(network, params, prompt=prompt, policy=policy)
+    reference = _draw(network, params, prompt=prompt, policy=policy, kv_cache=False)
     tokens = np.asarray(cached.tokens_BL)
     np.testing.assert_array_equal(tokens, reference.tokens_BL)
     np.testing.assert_array_equal(cached.commit_step_BL, reference.commit_step_BL)
@@ -90,15 +92,16 @@ def test_cached_equals_no_cache_reference(dit, block_size, policy):
     assert int(cached.nfe) == int(cached.steps) + encoded
     if policy == "first_hitting":
         assert int(cached.steps) == L - 6  # one call per mask
-        plain = _generate(network, params, seed=1, policy=policy)  # no prompt: same compilation
+        plain = _draw(network, params, seed=1, policy=policy)  # no prompt: same compilation
         assert int(plain.nfe) == L + encoded
 
         # Infilling (known positions that differ between rows) also matches the reference.
         rng = np.random.default_rng(0)
         template = rng.integers(0, V - 1, (3, L)).astype(np.int32)
         known = rng.random((3, L)) < 0.3
-        outs = [sampling.infill(sampling.get_sampler("bd3lm", policy=policy, kv_cache=kv),
-                                network, params, jax.random.PRNGKey(2), template, known)
+        outs = [sampling.draw(sampling.get_sampler("bd3lm", policy=policy, kv_cache=kv),
+                              network, params, jax.random.PRNGKey(2), tokens_BL=template,
+                              known_BL=known).output
                 for kv in (True, False)]
         np.testing.assert_array_equal(outs[0].tokens_BL, outs[1].tokens_BL)
         np.testing.assert_array_equal(np.asarray(outs[0].tokens_BL)[known], template[known])
@@ -127,19 +130,19 @@ def test_sliding_window(dit):
     rule = sampling.get_sampler("bd3lm").rule.for_network(_network(model, 4, context_len=10))
     assert rule.cache_window(_network(model, 4, context_len=10), L) == 4
     assert rule.cache_window(network, L) == L - 4
-    state = initial_state(jnp.zeros((2, L), jnp.int32), jnp.zeros((2, L), bool),
-                          jax.random.PRNGKey(0), V - 1)
+    state = SamplerState.start(jnp.zeros((2, L), jnp.int32), jnp.zeros((2, L), bool),
+                               jax.random.PRNGKey(0), V - 1)
     kv = rule.init(_network(model, 4, context_len=10), params, state, 0).cache.kv
     assert kv.max_len == 8
 
     # A window of one block: each block sees only the one before it (a sample 4x longer
     # than the view); a window covering everything is the same as no window.
-    short = _generate(network, params, window=4)
-    full = _generate(network, params)
+    short = _draw(network, params, window=4)
+    full = _draw(network, params)
     assert not np.any(np.asarray(short.tokens_BL) == V - 1)
     assert int(short.nfe) == int(full.nfe) == L + 3
     assert np.any(np.asarray(short.tokens_BL) != np.asarray(full.tokens_BL))
-    np.testing.assert_array_equal(_generate(network, params, window=L).tokens_BL,
+    np.testing.assert_array_equal(_draw(network, params, window=L).tokens_BL,
                                   full.tokens_BL)
 
 
@@ -159,7 +162,7 @@ def test_slid_cache_matches_a_forward_over_the_window():
         kv, encoded, nfe = rule.encode_before(network, params, tokens_BL, jnp.int32(3),
                                               (kv, jnp.int32(0), jnp.int32(0)))
         logits_BTV, _ = network.decode_fn(params, tokens_BL[:, 12:], kv,
-                                          blocks.block_positions(jnp.int32(12), 2, 4))
+                                          block_unmask.block_positions(jnp.int32(12), 2, 4))
         return logits_BTV, kv.length, encoded, nfe
 
     @jax.jit
@@ -196,7 +199,7 @@ def test_stop_at_eos_ends_samples_early(dit):
     model, params = dit
     network = _network(model, 4)
     network = dataclasses.replace(network, decode_fn=_EosAfter(network.decode_fn, 8))
-    out = _generate(network, params, batch=4, policy="first_hitting", stop_at_eos=True)
+    out = _draw(network, params, batch=4, policy="first_hitting", stop_at_eos=True)
     tokens = np.asarray(out.tokens_BL)
     for row in tokens:
         first = np.flatnonzero(row == EOS)[0]
@@ -217,11 +220,11 @@ def test_one_trace_of_the_loop_body(dit):
     traces = {}
     for steps in (2, 3):
         before = len(decode.traces)
-        _generate(network, params, batch=2, policy="mdlm", steps=steps)
+        _draw(network, params, batch=2, policy="mdlm", steps=steps)
         traces[steps] = len(decode.traces) - before
     assert traces[2] == traces[3] == 2  # one encoding call and one scoring call
     before = len(decode.traces)
-    _generate(network, params, seed=5, batch=2, policy="mdlm", steps=3, prompt=[1, 2, 3])
+    _draw(network, params, seed=5, batch=2, policy="mdlm", steps=3, prompt=[1, 2, 3])
     assert len(decode.traces) == before  # new keys and prompts reuse the compiled loop
 
 
@@ -230,13 +233,13 @@ def test_clear_errors(dit):
     network = _network(model, 4)
     with pytest.raises(ValueError, match="length divisible by the block size 4, got "
                                          "length=14"):
-        _generate(network, params, length=14)
+        _draw(network, params, length=14)
     for window in (2, 6):
         with pytest.raises(ValueError, match=f"window={window} must be a positive multiple "
                                              "of the block size 4"):
-            _generate(network, params, window=window)
+            _draw(network, params, window=window)
     with pytest.raises(ValueError, match="trained with blocks of 4"):
-        _generate(network, params, block_size=2)
+        _draw(network, params, block_size=2)
     with pytest.raises(ValueError, match="window slides over the KV cache"):
         sampling.get_sampler("bd3lm", window=8, kv_cache=False)
     with pytest.raises(ValueError, match="policy 'first_hitting' takes no steps"):
@@ -244,14 +247,18 @@ def test_clear_errors(dit):
     with pytest.raises(ValueError, match="policy='nucleus'; allowed: first_hitting, mdlm"):
         sampling.get_sampler("bd3lm", policy="nucleus")
 
-    joint = toy.JointDenoiser(3, 4)
-    log_joint = jnp.asarray(toy.random_log_joint(np.random.default_rng(0), 3, 4))
-    with pytest.raises(ValueError, match="bd3lm sampler needs a BlockDenoiser.*got a Denoiser"):
-        sampling.generate(sampling.get_sampler("bd3lm"), joint.network(), log_joint,
-                          jax.random.PRNGKey(0), batch_size=1, length=4)
-    with pytest.raises(ValueError, match="need a Denoiser, got a BlockDenoiser.*bd3lm"):
-        sampling.generate(sampling.get_sampler("mdlm"), network, params, jax.random.PRNGKey(0),
-                          batch_size=1, length=L)
+    joint = toy_networks.JointDenoiser(3, 4)
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(0), 3, 4))
+    with pytest.raises(ValueError, match="sampler 'bd3lm' cannot sample a masked diffusion "
+                                         "network: it needs a block network, this is a "
+                                         "denoiser one; use mdlm"):
+        sampling.draw(sampling.get_sampler("bd3lm"), joint.network(), log_joint,
+                      jax.random.PRNGKey(0), batch_size=1, length=4)
+    with pytest.raises(ValueError, match="sampler 'mdlm' cannot sample a block diffusion "
+                                         "network: it needs a denoiser network, this is a "
+                                         "block one; use bd3lm"):
+        sampling.draw(sampling.get_sampler("mdlm"), network, params, jax.random.PRNGKey(0),
+                      batch_size=1, length=L)
     config = model_config("micro", "dit")
     config.update(time_conditioning=True, mask="block_causal:4")
     with pytest.raises(ValueError, match="does not support a time-conditioned network"):
@@ -260,9 +267,10 @@ def test_clear_errors(dit):
                       sampling.Denoiser)
 
 
-def _run_files(name: str, **config) -> loading.RunFiles:
+def _run_files(name: str, **config) -> workdir.RunFiles:
     config = ml_collections.ConfigDict({"process": {"name": name}, **config})
-    return loading.RunFiles(pathlib.Path(name), config, tokenizer=None)
+    return workdir.RunFiles(pathlib.Path(name), config, None,
+                            make_process(config, vocab_size=V))
 
 
 def test_entry_point_checks():

@@ -4,11 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import toy_networks
 
 from dlm import sampling
 from dlm.diffusion import LogLinearSchedule, MaskedDiffusion
 from dlm.models import build_model, model_config
-from dlm.sampling import engine, toy
+from dlm.sampling import engine
 
 V = 24  # mask id 23
 L = 16
@@ -35,18 +36,18 @@ def dit():
     return network, init()
 
 
-def _generate(name, dit, seed=0, batch=4, prompt=None, **options):
+def _draw(name, dit, seed=0, batch=4, prompt=None, **options):
     network, params = dit
     sampler = sampling.get_sampler(name, **options)
-    return sampling.generate(sampler, network, params, jax.random.PRNGKey(seed),
-                             batch_size=batch, length=L, prompt=prompt)
+    return sampling.draw(sampler, network, params, jax.random.PRNGKey(seed),
+                         batch_size=batch, length=L, prompt=prompt).output
 
 
 def test_ddpm_cache_equals_mdlm_with_fewer_calls(dit):
     for seed in range(2):
         # 64 steps for 16 positions: many steps reveal nothing, so the cache can skip calls.
-        plain = _generate("mdlm", dit, seed, batch=1, steps=64)
-        cached = _generate("ddpm_cache", dit, seed, batch=1, steps=64)
+        plain = _draw("mdlm", dit, seed, batch=1, steps=64)
+        cached = _draw("ddpm_cache", dit, seed, batch=1, steps=64)
         np.testing.assert_array_equal(plain.tokens_BL, cached.tokens_BL)
         np.testing.assert_array_equal(plain.commit_step_BL, cached.commit_step_BL)
         assert int(cached.nfe) < int(plain.nfe)
@@ -54,40 +55,41 @@ def test_ddpm_cache_equals_mdlm_with_fewer_calls(dit):
 
 
 def test_ddpm_cache_counts_only_the_calls_it_makes():
-    joint = toy.JointDenoiser(3, 4)
-    log_joint = jnp.asarray(toy.random_log_joint(np.random.default_rng(0), 3, 4))
+    joint = toy_networks.JointDenoiser(3, 4)
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(0), 3, 4))
     outs = {}
     for name in ("mdlm", "ddpm_cache"):
         calls = joint.calls
-        outs[name] = sampling.generate(sampling.get_sampler(name, steps=40), joint.network(),
-                                       log_joint, jax.random.PRNGKey(3), batch_size=1, length=4)
+        outs[name] = sampling.draw(sampling.get_sampler(name, steps=40), joint.network(),
+                                   log_joint, jax.random.PRNGKey(3), batch_size=1,
+                                   length=4).output
         assert int(outs[name].nfe) == joint.calls - calls  # the network's own count
     np.testing.assert_array_equal(outs["mdlm"].tokens_BL, outs["ddpm_cache"].tokens_BL)
     assert int(outs["ddpm_cache"].nfe) <= 5 < int(outs["mdlm"].nfe)
 
 
 def test_mdlm_calls_once_per_step():
-    joint = toy.JointDenoiser(3, 3)
-    log_joint = jnp.asarray(toy.random_log_joint(np.random.default_rng(0), 3, 3))
+    joint = toy_networks.JointDenoiser(3, 3)
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(0), 3, 3))
     sampler = sampling.get_sampler("mdlm", steps=5)
-    out = sampling.generate(sampler, joint.network(), log_joint, jax.random.PRNGKey(0),
-                            batch_size=2, length=3)
+    out = sampling.draw(sampler, joint.network(), log_joint, jax.random.PRNGKey(0),
+                        batch_size=2, length=3).output
     assert int(out.nfe) == int(out.steps) == joint.calls
 
 
 def test_threshold_one_commits_exactly_one_token_per_step(dit):
-    out = _generate("fast_dllm", dit, threshold=1.0)
+    out = _draw("fast_dllm", dit, threshold=1.0)
     assert int(out.nfe) == int(out.steps) == L
     for row in np.asarray(out.commit_step_BL):
         np.testing.assert_array_equal(np.sort(row), np.arange(L))
 
 
 def test_first_hitting_makes_exactly_one_call_per_mask():
-    joint = toy.JointDenoiser(3, 5)
-    log_joint = jnp.asarray(toy.random_log_joint(np.random.default_rng(0), 3, 5))
+    joint = toy_networks.JointDenoiser(3, 5)
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(0), 3, 5))
     sampler = sampling.get_sampler("first_hitting")
-    out = sampling.generate(sampler, joint.network(), log_joint, jax.random.PRNGKey(0),
-                            batch_size=3, length=5, prompt=[2, 1])
+    out = sampling.draw(sampler, joint.network(), log_joint, jax.random.PRNGKey(0),
+                        batch_size=3, length=5, prompt=[2, 1]).output
     assert int(out.nfe) == joint.calls == 3  # 5 positions, 2 known
     np.testing.assert_array_equal(out.nfe_B, [3, 3, 3])
 
@@ -104,11 +106,11 @@ SETTINGS = [
 
 @pytest.mark.parametrize("name,options", SETTINGS)
 def test_no_mask_left_and_prompt_kept(name, options):
-    joint = toy.JointDenoiser(3, 7)
-    log_joint = jnp.asarray(toy.random_log_joint(np.random.default_rng(0), 3, 7))
+    joint = toy_networks.JointDenoiser(3, 7)
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(0), 3, 7))
     prompt = [2, 1, 0]
-    out = sampling.generate(sampling.get_sampler(name, **options), joint.network(), log_joint,
-                            jax.random.PRNGKey(0), batch_size=4, length=7, prompt=prompt)
+    out = sampling.draw(sampling.get_sampler(name, **options), joint.network(), log_joint,
+                        jax.random.PRNGKey(0), batch_size=4, length=7, prompt=prompt).output
     tokens = np.asarray(out.tokens_BL)
     assert not np.any(tokens == joint.mask_id)
     np.testing.assert_array_equal(tokens[:, :3], np.broadcast_to(prompt, (4, 3)))
@@ -117,13 +119,13 @@ def test_no_mask_left_and_prompt_kept(name, options):
 
 @pytest.mark.parametrize("name", ["mdlm", "fast_dllm", "first_hitting"])
 def test_infilling_keeps_known_positions(name):
-    joint = toy.JointDenoiser(3, 7)
-    log_joint = jnp.asarray(toy.random_log_joint(np.random.default_rng(0), 3, 7))
+    joint = toy_networks.JointDenoiser(3, 7)
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(0), 3, 7))
     rng = np.random.default_rng(0)
     template = rng.integers(0, 3, size=(5, 7)).astype(np.int32)
     known = rng.random((5, 7)) < 0.4
-    out = sampling.infill(sampling.get_sampler(name), joint.network(), log_joint,
-                          jax.random.PRNGKey(0), template, known)
+    out = sampling.draw(sampling.get_sampler(name), joint.network(), log_joint,
+                        jax.random.PRNGKey(0), tokens_BL=template, known_BL=known).output
     tokens = np.asarray(out.tokens_BL)
     np.testing.assert_array_equal(tokens[known], template[known])
     assert not np.any(tokens == joint.mask_id)
@@ -132,7 +134,7 @@ def test_infilling_keeps_known_positions(name):
 
 def test_semi_autoregressive_blocks_fill_left_to_right(dit):
     # 14 generated positions: blocks of 4, 4, 4, 2, and 14 // 4 = 3 steps for each block.
-    out = _generate("llada", dit, prompt=[1, 2], steps=14, block_length=4)
+    out = _draw("llada", dit, prompt=[1, 2], steps=14, block_length=4)
     steps = np.asarray(out.commit_step_BL)[:, 2:]
     block_of_position = np.arange(14) // 4
     assert np.all(steps // 3 == block_of_position)
@@ -140,12 +142,12 @@ def test_semi_autoregressive_blocks_fill_left_to_right(dit):
 
 
 def test_stop_at_eos_fills_the_rest():
-    joint = toy.JointDenoiser(3, 4)  # eos_id 0, pad_id 1
-    log_joint = jnp.asarray(toy.random_log_joint(np.random.default_rng(1), 3, 4))
+    joint = toy_networks.JointDenoiser(3, 4)  # eos_id 0, pad_id 1
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(1), 3, 4))
     for fill, fill_id in (("eos", 0), ("pad", 1)):
         sampler = sampling.get_sampler("first_hitting", stop_at_eos=True, eos_fill=fill)
-        out = sampling.generate(sampler, joint.network(), log_joint, jax.random.PRNGKey(0),
-                                batch_size=64, length=4, prompt=[0])  # an EOS in the prompt
+        out = sampling.draw(sampler, joint.network(), log_joint, jax.random.PRNGKey(0),
+                            batch_size=64, length=4, prompt=[0]).output  # an EOS in the prompt
         tokens = np.asarray(out.tokens_BL)[:, 1:]
         for row in tokens:
             eos = np.flatnonzero(row == 0)
@@ -156,24 +158,33 @@ def test_stop_at_eos_fills_the_rest():
 
 
 def test_done_samples_stop_counting_calls():
-    joint = toy.JointDenoiser(3, 4)
-    log_joint = jnp.asarray(toy.random_log_joint(np.random.default_rng(0), 3, 4))
+    joint = toy_networks.JointDenoiser(3, 4)
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(0), 3, 4))
     known = np.array([[True] * 3 + [False], [False] * 4])
-    out = sampling.infill(sampling.get_sampler("first_hitting"), joint.network(), log_joint,
-                          jax.random.PRNGKey(0), np.zeros((2, 4), np.int32), known)
+    out = sampling.draw(sampling.get_sampler("first_hitting"), joint.network(), log_joint,
+                        jax.random.PRNGKey(0), tokens_BL=np.zeros((2, 4), np.int32),
+                        known_BL=known).output
     np.testing.assert_array_equal(out.nfe_B, [1, 4])
     assert int(out.nfe) == 4
 
 
+def _run(sampler, network, params, rng, batch_size, length, prompt=None):
+    """engine.run itself (its jit cache is under test) on a prompt's inputs."""
+    tokens_BL, known_BL, prompt_len = engine.prefix_inputs(prompt, batch_size, length,
+                                                           network.vocab.mask_id)
+    return engine.run(sampler, network, params, jnp.asarray(tokens_BL), jnp.asarray(known_BL),
+                      rng, prefix_len=engine.static_prefix(sampler, prompt_len))
+
+
 def test_one_compilation_and_no_retrace_across_steps():
-    joint = toy.JointDenoiser(3, 4)
+    joint = toy_networks.JointDenoiser(3, 4)
     network = joint.network()
-    log_joint = jnp.asarray(toy.random_log_joint(np.random.default_rng(0), 3, 4))
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(0), 3, 4))
     traces = {}
     for steps in (2, 64):
         before = joint.traces
-        sampling.generate(sampling.get_sampler("mdlm", steps=steps), network, log_joint,
-                          jax.random.PRNGKey(0), batch_size=2, length=4)
+        _run(sampling.get_sampler("mdlm", steps=steps), network, log_joint,
+             jax.random.PRNGKey(0), batch_size=2, length=4)
         traces[steps] = joint.traces - before
     assert traces[2] == traces[64] <= 2  # the loop body is traced once, whatever the steps
 
@@ -181,13 +192,63 @@ def test_one_compilation_and_no_retrace_across_steps():
     before = joint.traces
     for seed, prompt in ((1, None), (2, [0]), (3, [1, 2])):
         sampler = sampling.get_sampler("mdlm", steps=64)  # an equal config, a new object
-        sampling.generate(sampler, network, log_joint, jax.random.PRNGKey(seed),
-                          batch_size=2, length=4, prompt=prompt)
+        _run(sampler, network, log_joint, jax.random.PRNGKey(seed), batch_size=2, length=4,
+             prompt=prompt)
     assert joint.traces == before  # new keys and prompts reuse the compiled loop
     assert engine.run._cache_size() == size
-    sampling.generate(sampling.get_sampler("mdlm", steps=64), network, log_joint,
-                      jax.random.PRNGKey(0), batch_size=3, length=4)
+    _run(sampling.get_sampler("mdlm", steps=64), network, log_joint, jax.random.PRNGKey(0),
+         batch_size=3, length=4)
     assert engine.run._cache_size() == size + 1  # a new batch size compiles once more
+
+
+def test_draw_compiles_once_and_folds_the_key_per_batch():
+    joint = toy_networks.JointDenoiser(3, 4)
+    network = joint.network()
+    log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(0), 3, 4))
+    sampler = sampling.get_sampler("mdlm", steps=8)
+    rng = jax.random.PRNGKey(7)
+    drawn = sampling.draw(sampler, network, log_joint, rng, batch_size=2, length=4,
+                          prompt=[1], num_batches=3)
+    before = joint.traces
+    for seed, prompt in ((1, None), (2, [0]), (3, [1, 2])):
+        sampling.draw(sampling.get_sampler("mdlm", steps=8), network, log_joint,
+                      jax.random.PRNGKey(seed), batch_size=2, length=4, prompt=prompt)
+    assert joint.traces == before  # new keys and prompts reuse the compiled loop
+
+    out = drawn.output
+    assert isinstance(out.tokens_BL, np.ndarray) and out.tokens_BL.shape == (6, 4)
+    assert out.nfe_B.shape == (6,) and len(drawn.seconds) == 3
+    assert drawn.compile_seconds >= 0 and drawn.prompt_len == 1
+    np.testing.assert_array_equal(drawn.known_BL, [[True, False, False, False]] * 2)
+    nfe = 0
+    for index in range(3):  # batch i is one draw under fold_in(rng, i)
+        one = _run(sampler, network, log_joint, jax.random.fold_in(rng, index), batch_size=2,
+                   length=4, prompt=[1])
+        np.testing.assert_array_equal(out.tokens_BL[2 * index:2 * index + 2], one.tokens_BL)
+        np.testing.assert_array_equal(out.nfe_B[2 * index:2 * index + 2], one.nfe_B)
+        nfe += int(one.nfe)
+    assert int(out.nfe) == nfe  # summed over the batches
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    fetched = []
+    placed = sampling.draw(sampler, network, log_joint, rng, batch_size=2, length=4,
+                           prompt=[1], sharding=sharding,
+                           fetch=lambda x: fetched.append(1) or jax.device_get(x))
+    np.testing.assert_array_equal(placed.output.tokens_BL, out.tokens_BL[:2])
+    assert fetched == [1]
+
+
+def test_draw_input_errors():
+    joint = toy_networks.JointDenoiser(3, 4)
+    network, log_joint = joint.network(), jnp.zeros((81,))
+    sampler, key = sampling.get_sampler("mdlm"), jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="needs both tokens_BL and known_BL"):
+        sampling.draw(sampler, network, log_joint, key, tokens_BL=np.zeros((2, 4), np.int32))
+    with pytest.raises(ValueError, match="batch_size=3, but tokens_BL has shape"):
+        sampling.draw(sampler, network, log_joint, key, batch_size=3,
+                      tokens_BL=np.zeros((2, 4), np.int32), known_BL=np.zeros((2, 4), bool))
+    with pytest.raises(ValueError, match="needs batch_size and length"):
+        sampling.draw(sampler, network, log_joint, key, batch_size=2)
 
 
 def test_registry_errors():
@@ -205,4 +266,4 @@ def test_registry_errors():
 
 def test_prompt_longer_than_length_is_an_error(dit):
     with pytest.raises(ValueError, match="the prompt has 20 tokens, more than length=16"):
-        _generate("mdlm", dit, prompt=list(range(20)))
+        _draw("mdlm", dit, prompt=list(range(20)))

@@ -10,8 +10,8 @@ from helpers import save_run
 
 from configs import ar as ar_config
 from configs import mdlm as mdlm_config
+from dlm import runs as runs_lib
 from dlm.data.tokenizers import CharTokenizer
-from dlm.sampling import drawing
 from experiments import sample
 
 SEQ_LEN = 16
@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
 def test_writes_one_record_per_sample_and_a_summary(runs, tmp_path):
     out = tmp_path / "samples.jsonl"
     # 9 samples in batches of 8, each split over the 8 test devices; the last one trimmed.
-    summary = drawing.sample_to_file(runs["mdlm"], "fast_dllm", str(out), num_samples=9,
+    summary = runs_lib.sample_to_file(runs["mdlm"], "fast_dllm", str(out), num_samples=9,
                                     length=12, prompt="abc", batch_size=8,
                                     judge_workdir=runs["ar"],
                                     overrides={"threshold": 0.5, "block_length": 4})
@@ -60,7 +60,7 @@ def test_writes_one_record_per_sample_and_a_summary(runs, tmp_path):
 
 def test_autoregressive_run_starts_from_bos(runs, tmp_path):
     out = tmp_path / "ar.jsonl"
-    summary = drawing.sample_to_file(runs["ar"], "ar", str(out), num_samples=2, length=8,
+    summary = runs_lib.sample_to_file(runs["ar"], "ar", str(out), num_samples=2, length=8,
                                     batch_size=2, overrides={"temperature": 0.0})
     record = json.loads(out.read_text().splitlines()[0])
     assert record["prompt_tokens"] == [CharTokenizer.from_text("abcdefgh \n").bos_id]
@@ -70,19 +70,19 @@ def test_autoregressive_run_starts_from_bos(runs, tmp_path):
 def test_clear_errors(runs, tmp_path):
     out = str(tmp_path / "x.jsonl")
     with pytest.raises(ValueError, match="unknown sampler 'mdlmm'; known samplers: mdlm, "):
-        drawing.sample_to_file(runs["mdlm"], "mdlmm", out, num_samples=1)
+        runs_lib.sample_to_file(runs["mdlm"], "mdlmm", out, num_samples=1)
     with pytest.raises(ValueError, match="the prompt is 20 tokens long, more than --length=8"):
-        drawing.sample_to_file(runs["mdlm"], "mdlm", out, num_samples=1, length=8,
+        runs_lib.sample_to_file(runs["mdlm"], "mdlm", out, num_samples=1, length=8,
                               prompt="a" * 20)
     with pytest.raises(ValueError, match="uses another tokenizer"):
-        drawing.sample_to_file(runs["mdlm"], "mdlm", out, num_samples=1,
+        runs_lib.sample_to_file(runs["mdlm"], "mdlm", out, num_samples=1,
                               judge_workdir=runs["ar_other_tokenizer"])
     with pytest.raises(ValueError, match="cannot sample an autoregressive run"):
-        drawing.sample_to_file(runs["ar"], "mdlm", out, num_samples=1)
+        runs_lib.sample_to_file(runs["ar"], "mdlm", out, num_samples=1)
     with pytest.raises(ValueError, match="has no steps option"):
-        drawing.sample_to_file(runs["ar"], "ar", out, num_samples=1, steps=4)
+        runs_lib.sample_to_file(runs["ar"], "ar", out, num_samples=1, steps=4)
     with pytest.raises(ValueError, match="has no option 'treshold'"):
-        drawing.sample_to_file(runs["mdlm"], "fast_dllm", out, num_samples=1,
+        runs_lib.sample_to_file(runs["mdlm"], "fast_dllm", out, num_samples=1,
                               overrides={"treshold": 0.5})
 
 
@@ -116,6 +116,6 @@ def test_command_line(runs, tmp_path):
 
 
 def test_print_samples(runs, capsys):
-    texts = drawing.print_samples(runs["mdlm"], "mdlm", num_samples=2, length=8, steps=4)
+    texts = runs_lib.print_samples(runs["mdlm"], "mdlm", num_samples=2, length=8, steps=4)
     assert len(texts) == 2
     assert "sample 1" in capsys.readouterr().out

@@ -5,17 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import toy_networks
 
 from dlm import sampling
-from dlm.sampling import toy
 
 VOCAB, LENGTH, N = 3, 3, 20_000
 
 
 @pytest.fixture(scope="module")
 def joint():
-    log_joint = toy.random_log_joint(np.random.default_rng(0), VOCAB, LENGTH)
-    return toy.JointDenoiser(VOCAB, LENGTH), log_joint
+    log_joint = toy_networks.random_log_joint(np.random.default_rng(0), VOCAB, LENGTH)
+    return toy_networks.JointDenoiser(VOCAB, LENGTH), log_joint
 
 
 def _tv(p, q):
@@ -23,9 +23,9 @@ def _tv(p, q):
 
 
 def _draw(name, network, log_joint, length, prompt=None, **options):
-    out = sampling.generate(sampling.get_sampler(name, **options), network,
-                            jnp.asarray(log_joint), jax.random.PRNGKey(0), batch_size=N,
-                            length=length, prompt=prompt)
+    out = sampling.draw(sampling.get_sampler(name, **options), network,
+                        jnp.asarray(log_joint), jax.random.PRNGKey(0), batch_size=N,
+                        length=length, prompt=prompt).output
     return np.asarray(out.tokens_BL)
 
 
@@ -42,7 +42,7 @@ def test_one_token_per_step_samples_the_joint(joint, name, options):
     model, log_joint = joint
     probs = np.exp(log_joint.astype(np.float64))
     tokens = _draw(name, model.network(), log_joint, LENGTH, **options)
-    assert _tv(toy.empirical(tokens, VOCAB), probs) < toy.tv_bound(probs, N)
+    assert _tv(toy_networks.empirical(tokens, VOCAB), probs) < toy_networks.tv_bound(probs, N)
 
 
 def test_the_test_can_tell_the_joint_from_its_marginals(joint):
@@ -51,7 +51,7 @@ def test_the_test_can_tell_the_joint_from_its_marginals(joint):
     # All positions at once from p(x_l | nothing): the product of the marginals.
     tokens = _draw("llada", model.network(), log_joint, LENGTH, steps=1, block_length=None,
                    temperature=1.0)
-    assert _tv(toy.empirical(tokens, VOCAB), probs) > 3 * toy.tv_bound(probs, N)
+    assert _tv(toy_networks.empirical(tokens, VOCAB), probs) > 3 * toy_networks.tv_bound(probs, N)
 
 
 def test_infilling_samples_the_conditional(joint):
@@ -61,17 +61,19 @@ def test_infilling_samples_the_conditional(joint):
     template = np.full((N, LENGTH), 2, np.int32)
     known = np.zeros((N, LENGTH), bool)
     known[:, 1] = True
-    out = sampling.infill(sampling.get_sampler("first_hitting"), model.network(),
-                          jnp.asarray(log_joint), jax.random.PRNGKey(1), template, known)
+    out = sampling.draw(sampling.get_sampler("first_hitting"), model.network(),
+                        jnp.asarray(log_joint), jax.random.PRNGKey(1), tokens_BL=template,
+                        known_BL=known).output
     tokens = np.asarray(out.tokens_BL)[:, [0, 2]]
-    bound = toy.tv_bound(conditional.ravel(), N)
-    assert _tv(toy.empirical(tokens, VOCAB), conditional.ravel()) < bound
+    bound = toy_networks.tv_bound(conditional.ravel(), N)
+    assert _tv(toy_networks.empirical(tokens, VOCAB), conditional.ravel()) < bound
 
 
 def test_autoregressive_samples_the_joint():
-    log_joint = toy.random_log_joint(np.random.default_rng(1), VOCAB, LENGTH + 1)
+    log_joint = toy_networks.random_log_joint(np.random.default_rng(1), VOCAB, LENGTH + 1)
     probs = np.exp(log_joint.astype(np.float64)).reshape(VOCAB, -1)
     conditional = probs[1] / probs[1].sum()  # p(x_1, x_2, x_3 | x_0 = 1)
-    model = toy.JointCausalLM(VOCAB, LENGTH + 1)
+    model = toy_networks.JointCausalLM(VOCAB, LENGTH + 1)
     tokens = _draw("ar", model.network(), log_joint, LENGTH + 1, prompt=[1])
-    assert _tv(toy.empirical(tokens[:, 1:], VOCAB), conditional) < toy.tv_bound(conditional, N)
+    bound = toy_networks.tv_bound(conditional, N)
+    assert _tv(toy_networks.empirical(tokens[:, 1:], VOCAB), conditional) < bound

@@ -9,11 +9,10 @@ import pytest
 from helpers import small_config
 
 from configs import ar, mdlm
-from dlm import config_validation
 from dlm.data import pipeline
-from dlm.training import checkpoint as checkpoint_lib
-from dlm.training import experiment, trainer
-from dlm.training import mesh as mesh_lib
+from dlm.parallel import mesh as mesh_lib
+from dlm.runs import checkpoint as checkpoint_lib
+from dlm.training import config_validation, experiment, trainer
 from dlm.training.step import make_train_step
 
 

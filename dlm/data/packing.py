@@ -144,7 +144,10 @@ def make_packer(mode: str, split: TokenizedSplit, seq_len: int, specials: Specia
     """Returns the random-access packer for ``data.packing`` in {'wrap', 'pad'}."""
     if seq_len < 2:
         raise ValueError(f"data.seq_len must be at least 2, got {seq_len}")
-    packers = {"wrap": WrappedSequences, "pad": PaddedSequences}
-    if mode not in packers:
-        raise ValueError(f"data.packing={mode!r} is not one of {sorted(packers)}")
-    return packers[mode](split, seq_len, specials, separators)
+    if mode not in PACKERS:
+        raise ValueError(f"data.packing={mode!r} is not one of {sorted(PACKERS)}")
+    return PACKERS[mode](split, seq_len, specials, separators)
+
+
+# `data.packing` -> packer class.
+PACKERS = {"wrap": WrappedSequences, "pad": PaddedSequences}

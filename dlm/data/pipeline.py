@@ -14,7 +14,6 @@ import pathlib
 from collections.abc import Iterator
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
@@ -44,20 +43,9 @@ class Corpus:
 
 
 def load_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
-    """Prepares the dataset named by ``data.name`` (once) and builds its tokenizer.
-
-    With several processes, process 0 prepares first and the others wait for it, so that
-    they never write the same dataset at once.
-    """
-    from dlm.training import distributed
-
-    if jax.process_index() == 0:
-        corpus = _load_corpus(data_config)
-    distributed.barrier("dlm_corpus_prepared")
-    return corpus if jax.process_index() == 0 else _load_corpus(data_config)
-
-
-def _load_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
+    """Prepares the dataset named by ``data.name`` (once: a prepared one is reused) and
+    builds its tokenizer. With several processes, call it on process 0 first (see
+    `dlm.parallel.distributed.main_process_first`), so that no two write the dataset."""
     builder = builders.prepare_builder(data_config)
     corpus_dir = pathlib.Path(str(builder.data_dir)) / "dlm_tokens"
     kind = data_config.tokenizer

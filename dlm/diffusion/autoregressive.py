@@ -7,6 +7,8 @@ are real (loss_mask = 1), so a full sequence of length L scores L - 1 tokens: th
 The mask token gets zero probability. No randomness is used and the time argument is None.
 """
 
+from __future__ import annotations
+
 import dataclasses
 from typing import ClassVar
 
@@ -16,9 +18,10 @@ import jax.numpy as jnp
 from dlm.diffusion import process
 
 
+@process.PROCESSES.register("ar")
 @dataclasses.dataclass(frozen=True)
-class Autoregressive:
-    """Causal next-token prediction; implements `process.Process`.
+class Autoregressive(process.Process):
+    """Causal next-token prediction.
 
     Attributes:
       mask_id: the token given zero probability; None means the last vocabulary entry, V - 1.
@@ -26,7 +29,15 @@ class Autoregressive:
 
     mask_id: int | None = None
 
-    attention_kind: ClassVar[str] = "causal"
+    models: ClassVar[tuple[str, ...]] = ("transformer",)
+    network_kind: ClassVar[str] = "causal"
+    exportable: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, config, vocab_size: int) -> Autoregressive:
+        """The AR process; the mask id V - 1 gets zero probability."""
+        del config
+        return Autoregressive(mask_id=vocab_size - 1)
 
     def token_losses(
         self, model_fn: process.ModelFn, batch: process.Batch
@@ -45,10 +56,10 @@ class Autoregressive:
 
     def loss(
         self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int,
-        state=None,
+        state=None, frozen=None,
     ) -> tuple[jax.Array, process.Metrics]:
-        """See `process.Process.loss`; rng, num_examples and state are unused."""
-        del rng, num_examples, state
+        """See `process.Process.loss`; rng, num_examples, state and frozen are unused."""
+        del rng, num_examples, state, frozen
         nll_BL, target_mask_BL = self.token_losses(model_fn, batch)
         loss_sum = jnp.sum(nll_BL)
         token_count = jnp.sum(target_mask_BL)
@@ -57,9 +68,9 @@ class Autoregressive:
 
     def nll(
         self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int,
-        state=None,
+        state=None, frozen=None,
     ) -> tuple[jax.Array, jax.Array]:
         """See `process.Process.nll`: the exact NLL of tokens 1..L-1, float32 [B] each."""
-        del rng, num_examples, state
+        del rng, num_examples, state, frozen
         nll_BL, target_mask_BL = self.token_losses(model_fn, batch)
         return jnp.sum(nll_BL, axis=-1), jnp.sum(target_mask_BL, axis=-1)

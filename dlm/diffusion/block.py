@@ -36,9 +36,10 @@ from dlm.models.masks import MaskSpec
 UNCLIPPED = (0.0, 1.0)
 
 
+@process.PROCESSES.register("bd3lm")
 @dataclasses.dataclass(frozen=True)
-class BlockDiffusion:
-    """BD3-LM's block diffusion process; implements `process.Process`.
+class BlockDiffusion(process.Process):
+    """BD3-LM's block diffusion process.
 
     Attributes:
       schedule: the noise schedule alpha(t).
@@ -58,12 +59,49 @@ class BlockDiffusion:
     clip_search_widths: tuple[float, ...] = ()
     clip_search_step: float = 0.1
 
-    attention_kind: ClassVar[str] = "bd3lm"
+    models: ClassVar[tuple[str, ...]] = ("dit",)
+    network_kind: ClassVar[str] = "block"
+    exportable: ClassVar[bool] = True
 
-    def init_state(self, source_params=None) -> dict[str, jax.Array]:
+    @classmethod
+    def from_config(cls, config, vocab_size: int) -> BlockDiffusion:
+        """The BD3-LM process of a run config (`config.block_size`, `config.process.clip_*`,
+        MDLM's schedule and t_min). Raises ValueError naming the offending key."""
+        block_size = config.get("block_size", None)
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"config.block_size={block_size!r} must be a positive int for "
+                             "process.name='bd3lm'")
+        seq_len = config.get("data", {}).get("seq_len", None)
+        if isinstance(seq_len, int) and seq_len % block_size:
+            raise ValueError(f"config.block_size={block_size} does not divide "
+                             f"config.data.seq_len={seq_len}")
+        if config.process.get("num_timesteps", 0):
+            raise ValueError("process.num_timesteps must be 0 for bd3lm (continuous time only)")
+        if config.get("model", {}).get("time_conditioning", False):
+            raise ValueError("model.time_conditioning must be False for bd3lm: each block has "
+                             "its own noise level and the network is not told any of them")
+        clip = (float(config.process.get("clip_min", 0.0)),
+                float(config.process.get("clip_max", 1.0)))
+        if not 0.0 <= clip[0] < clip[1] <= 1.0:
+            raise ValueError(f"process.clip_min={clip[0]}, process.clip_max={clip[1]}: the clip "
+                             "interval must satisfy 0 <= clip_min < clip_max <= 1")
+        widths = tuple(float(w) for w in config.process.get("clip_search_widths", ()))
+        for width in widths:
+            if not 0.0 < width <= 1.0:
+                raise ValueError(f"process.clip_search_widths holds {width}: widths must lie in "
+                                 "(0, 1]")
+        step = float(config.process.get("clip_search_step", 0.1))
+        if not 0.0 < step <= 1.0:
+            raise ValueError(f"process.clip_search_step={step} must lie in (0, 1]")
+        base = masked.MaskedDiffusion.from_config(config, vocab_size)
+        return BlockDiffusion(schedule=base.schedule, mask_id=base.mask_id,
+                              block_size=block_size, t_min=base.t_min, clip=clip,
+                              clip_search_widths=widths, clip_search_step=step)
+
+    def init_state(self, frozen_params=None) -> dict[str, jax.Array]:
         """The process state: the training interval `clip`, float32 [2] (whatever the
         weights start from)."""
-        del source_params
+        del frozen_params
         return {"clip": jnp.asarray(self.clip, jnp.float32)}
 
     def num_blocks(self, length: int) -> int:
@@ -107,7 +145,8 @@ class BlockDiffusion:
         return jnp.where(batch["loss_mask"] > 0, loss_BL, 0.0)
 
     def loss(self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *,
-             num_examples: int, state: dict | None = None) -> tuple[jax.Array, process.Metrics]:
+             num_examples: int, state: dict | None = None, frozen=None
+             ) -> tuple[jax.Array, process.Metrics]:
         """See `process.Process.loss`: times drawn from the state's interval (default
         unclipped); the mean is over all real tokens."""
         clip = UNCLIPPED if state is None else state["clip"]
@@ -117,10 +156,10 @@ class BlockDiffusion:
         return loss, {"loss_sum": loss_sum, "token_count": token_count}
 
     def nll(self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *,
-            num_examples: int, state=None) -> tuple[jax.Array, jax.Array]:
+            num_examples: int, state=None, frozen=None) -> tuple[jax.Array, jax.Array]:
         """See `process.Process.nll`: one-sample unclipped NELBO estimates, float32 [B] (the
         clip interval in `state` is for training only)."""
-        del state
+        del state, frozen
         nll_sum_B = jnp.sum(self.token_losses(model_fn, batch, rng, num_examples), axis=-1)
         token_count_B = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
         return nll_sum_B, token_count_B
@@ -164,40 +203,3 @@ class BlockDiffusion:
                    "clip/nelbo_var": variances[best],
                    "clip/nelbo_var_unclipped": variances[UNCLIPPED]}
         return {"clip": jnp.asarray(best, jnp.float32)}, metrics
-
-
-def from_config(config, schedule: schedules.Schedule, mask_id: int,
-                t_min: float) -> BlockDiffusion:
-    """The BD3-LM process of a run config (`config.block_size`, `config.process.clip_*`).
-
-    Raises ValueError naming the offending key.
-    """
-    block_size = config.get("block_size", None)
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"config.block_size={block_size!r} must be a positive int for "
-                         "process.name='bd3lm'")
-    seq_len = config.get("data", {}).get("seq_len", None)
-    if isinstance(seq_len, int) and seq_len % block_size:
-        raise ValueError(f"config.block_size={block_size} does not divide "
-                         f"config.data.seq_len={seq_len}")
-    if config.process.get("num_timesteps", 0):
-        raise ValueError("process.num_timesteps must be 0 for bd3lm (continuous time only)")
-    if config.get("model", {}).get("time_conditioning", False):
-        raise ValueError("model.time_conditioning must be False for bd3lm: each block has its "
-                         "own noise level and the network is not told any of them")
-    clip = (float(config.process.get("clip_min", 0.0)),
-            float(config.process.get("clip_max", 1.0)))
-    if not 0.0 <= clip[0] < clip[1] <= 1.0:
-        raise ValueError(f"process.clip_min={clip[0]}, process.clip_max={clip[1]}: the clip "
-                         "interval must satisfy 0 <= clip_min < clip_max <= 1")
-    widths = tuple(float(w) for w in config.process.get("clip_search_widths", ()))
-    for width in widths:
-        if not 0.0 < width <= 1.0:
-            raise ValueError(f"process.clip_search_widths holds {width}: widths must lie in "
-                             "(0, 1]")
-    step = float(config.process.get("clip_search_step", 0.1))
-    if not 0.0 < step <= 1.0:
-        raise ValueError(f"process.clip_search_step={step} must lie in (0, 1]")
-    return BlockDiffusion(schedule=schedule, mask_id=mask_id, block_size=block_size,
-                          t_min=t_min, clip=clip, clip_search_widths=widths,
-                          clip_search_step=step)

@@ -38,7 +38,6 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
-import flax
 import jax
 import jax.numpy as jnp
 
@@ -69,15 +68,14 @@ def clean_log_probs(logits_BLV: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(logits_BLV[..., :-1].astype(jnp.float32), axis=-1)
 
 
+@process.PROCESSES.register("sdtt")
 @dataclasses.dataclass(frozen=True)
-class SelfDistillation:
-    """SDTT; implements `process.Process` with a process state (teacher params, round).
+class SelfDistillation(process.Process):
+    """SDTT, with a process state (teacher params, round).
 
     Attributes:
       base: the teacher's masked diffusion process (schedule, mask id, t_min; its NELBO is
         the student's `nll`).
-      teacher_module: the Flax DiT that applies the teacher params (the student's network).
-      seq_len: training sequence length (shapes the placeholder teacher).
       teacher_steps: S_0, the sampling steps of the first teacher (dt = 2^round / S_0).
       distill_steps: k, teacher steps the student matches with one.
       round_steps: N, train steps per round.
@@ -86,15 +84,30 @@ class SelfDistillation:
     """
 
     base: masked.MaskedDiffusion
-    teacher_module: Any = dataclasses.field(compare=False, hash=False)
-    seq_len: int = 128
     teacher_steps: int = 1024
     distill_steps: int = 2
     round_steps: int = 10_000
     divergence: str = "reverse_kl"
     teacher_from_ema: bool = True
 
-    attention_kind: ClassVar[str] = "full"
+    models: ClassVar[tuple[str, ...]] = ("dit",)
+    network_kind: ClassVar[str] = "denoiser"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """ValueError naming the key when the SDTT settings of `config` are unusable."""
+        check_config(config)
+
+    @classmethod
+    def from_config(cls, config, vocab_size: int) -> SelfDistillation:
+        """The SDTT process of `config` around MDLM's process of the same config."""
+        check_config(config)
+        p = config.process
+        return SelfDistillation(
+            base=masked.MaskedDiffusion.from_config(config, vocab_size),
+            teacher_steps=int(p.teacher_steps), distill_steps=int(p.distill_steps),
+            round_steps=int(p.round_steps), divergence=str(p.get("divergence", "reverse_kl")),
+            teacher_from_ema=bool(p.get("teacher_from_ema", True)))
 
     @property
     def schedule(self) -> schedules.Schedule:
@@ -118,23 +131,14 @@ class SelfDistillation:
 
     # ---- process state ----------------------------------------------------------------------
 
-    def init_state(self, source_params=None) -> dict[str, Any]:
-        """{"teacher": params, "round": 0}; the teacher is `source_params` (the init_from
-        run's weights) or, when None, a placeholder network of the same structure."""
-        placeholder = jax.eval_shape(self._init_teacher)
-        if source_params is None:
-            teacher = self._init_teacher()
-        else:
-            _check_same_structure(placeholder, source_params)
-            teacher = jax.tree.map(lambda x, p: jnp.asarray(x, p.dtype), source_params,
-                                   placeholder)
-        return {"teacher": teacher, "round": jnp.zeros((), jnp.int32)}
+    def frozen_networks(self) -> dict[str, str | None]:
+        """The teacher: the run's own network (a DiT), first the init_from run's weights."""
+        return {"teacher": None}
 
-    def _init_teacher(self):
-        from dlm.models import configs as model_configs  # models import nothing from here
-
-        return model_configs.init_params(self.teacher_module, self.seq_len,
-                                         jax.random.PRNGKey(0))
+    def init_state(self, frozen_params) -> dict[str, Any]:
+        """{"teacher": params, "round": 0}; the teacher starts as the init_from run's
+        weights (`frozen_params["teacher"]`)."""
+        return {"teacher": frozen_params["teacher"], "round": jnp.zeros((), jnp.int32)}
 
     def next_state(self, state, params, ema_params, step: jax.Array) -> dict[str, Any]:
         """After train step `step` (updates done): at a round's end (step a multiple of
@@ -193,19 +197,16 @@ class SelfDistillation:
         return target_BLK, reveal_step_BL
 
     def token_losses(self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array,
-                     num_examples: int, state) -> tuple[jax.Array, jax.Array]:
+                     num_examples: int, state, teacher_fn: process.ModelFn
+                     ) -> tuple[jax.Array, jax.Array]:
         """(loss_BL, counted_BL), float32 [B, L]: the divergence at each real position masked
-        in x_t (0 elsewhere) and the indicator of those positions."""
+        in x_t (0 elsewhere) and the indicator of those positions; `teacher_fn` is the
+        frozen teacher (the state's params, bound by the caller)."""
         example_id_B = batch["example_id"]
         time_rng, mask_rng, teacher_rng = jax.random.split(rng, 3)
         # Continuous times even when the teacher's NELBO uses T steps: dt sets the grid.
         t_B = schedules.sample_times(time_rng, example_id_B, num_examples, self.t_min)
         xt_BL = self.base.corrupt(batch["tokens"], t_B, mask_rng, example_id_B)
-        teacher = jax.lax.stop_gradient(state["teacher"])
-
-        def teacher_fn(tokens_BL, t_B):
-            return self.teacher_module.apply({"params": teacher}, tokens_BL, t_B, train=False)
-
         target_BLK, _ = self.teacher_targets(teacher_fn, xt_BL, t_B,
                                              self.step_size(state["round"]), teacher_rng,
                                              example_id_B)
@@ -216,21 +217,23 @@ class SelfDistillation:
         return jnp.where(counted_BL, loss_BL, 0.0), counted_BL.astype(jnp.float32)
 
     def loss(self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *,
-             num_examples: int, state=None) -> tuple[jax.Array, process.Metrics]:
+             num_examples: int, state=None, frozen=None) -> tuple[jax.Array, process.Metrics]:
         """See `process.Process.loss`: the mean divergence over the real positions masked in
-        x_t (`token_count` counts them)."""
-        if state is None:
-            raise ValueError("the SDTT loss needs the process state (teacher params, round)")
-        loss_BL, counted_BL = self.token_losses(model_fn, batch, rng, num_examples, state)
+        x_t (`token_count` counts them), against `frozen["teacher"]`."""
+        if state is None or not frozen:
+            raise ValueError("the SDTT loss needs the process state (teacher params, round) "
+                             "and the teacher bound in `frozen`")
+        loss_BL, counted_BL = self.token_losses(model_fn, batch, rng, num_examples, state,
+                                                frozen["teacher"])
         loss_sum, token_count = jnp.sum(loss_BL), jnp.sum(counted_BL)
         loss = loss_sum / jnp.maximum(token_count, 1.0)
         return loss, {"loss_sum": loss_sum, "token_count": token_count}
 
     def nll(self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *,
-            num_examples: int, state=None) -> tuple[jax.Array, jax.Array]:
+            num_examples: int, state=None, frozen=None) -> tuple[jax.Array, jax.Array]:
         """The student's MDLM NELBO (the teacher plays no part), see
         `masked.MaskedDiffusion.nll`."""
-        del state
+        del state, frozen
         return self.base.nll(model_fn, batch, rng, num_examples=num_examples)
 
 
@@ -240,19 +243,6 @@ def _uniform_and_draw(key: jax.Array, log_p_LK: jax.Array, length: int
     u_key, draw_key = jax.random.split(key)
     u_L = jax.random.uniform(u_key, (length,), jnp.float32)
     return u_L, jax.random.categorical(draw_key, log_p_LK, axis=-1).astype(jnp.int32)
-
-
-def _check_same_structure(placeholder, source) -> None:
-    """ValueError unless `source` has the placeholder's parameter paths and shapes."""
-    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(placeholder), sep="/")
-    have = flax.traverse_util.flatten_dict(flax.core.unfreeze(source), sep="/")
-    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
-    shapes = sorted(p for p in want.keys() & have.keys() if want[p].shape != have[p].shape)
-    if missing or extra or shapes:
-        raise ValueError(
-            "the init_from run's network is not the SDTT student's (config.model must match "
-            f"the teacher's): missing {missing[:3]}, unexpected {extra[:3]}, other shapes "
-            f"{shapes[:3]}")
 
 
 def check_config(config) -> None:
@@ -279,14 +269,3 @@ def check_config(config) -> None:
             f"process.round_steps={p.round_steps}: the last student would target {last:g} "
             f"sampling steps (process.teacher_steps={p.teacher_steps}, "
             f"distill_steps={p.distill_steps}); use fewer rounds or more teacher steps")
-
-
-def from_config(config, base: masked.MaskedDiffusion, module) -> SelfDistillation:
-    """The SDTT process of `config` around the teacher's process `base` and network."""
-    check_config(config)
-    p = config.process
-    return SelfDistillation(
-        base=base, teacher_module=module, seq_len=int(config.data.seq_len),
-        teacher_steps=int(p.teacher_steps), distill_steps=int(p.distill_steps),
-        round_steps=int(p.round_steps), divergence=str(p.get("divergence", "reverse_kl")),
-        teacher_from_ema=bool(p.get("teacher_from_ema", True)))

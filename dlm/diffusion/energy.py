@@ -9,7 +9,7 @@ Low energy means more likely. Two energies share one interface (`Energy`):
   the positions masked in x_t (the others are carried over from x_t and are the same for
   every candidate). Then p_theta exp(-E) is p_AR on those positions: no training, and Z = 1
   up to the first position, which the AR model does not score (it keeps p_theta's).
-- `LearnedEnergy` (EDLM-NCE): a trained `dlm.models.energy.EnergyNet`.
+- `LearnedEnergy` (EDLM-NCE): a trained `dlm.models.energy_net.EnergyNet`.
 
 `EnergyNCE` is the process that trains the latter by noise-contrastive estimation: x_0 from
 the data is the positive, x_hat_0 ~ p_theta(. | x_t) from the frozen MDLM denoiser the
@@ -35,58 +35,12 @@ The importance sampler that uses an energy is `dlm.sampling.energy`.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from dlm.diffusion import masked, process
-from dlm.diffusion.autoregressive import Autoregressive
-
-
-class Energy(Protocol):
-    """E(x_0, x_t, t): float32 [B], low for likely candidates. Hashable (samplers are jitted
-    with it static)."""
-
-    def __call__(self, params: Any, x0_BL: jax.Array, xt_BL: jax.Array, t_B: jax.Array,
-                 log_p_BL: jax.Array, mask_id: int) -> jax.Array:
-        """The energy of candidates x0_BL (int32 [B, L], equal to xt_BL where it is not
-        `mask_id`) given xt_BL at times t_B; log_p_BL float32 [B, L] is the denoiser's
-        log p_theta(x_0^i | x_t) of each candidate token (0 where x_t is not masked)."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True)
-class ARResidualEnergy:
-    """EDLM-AR: E = -log p_AR(x_0) + log p_theta(x_0 | x_t) over the masked positions of x_t
-    that the causal `module` scores (all but the first)."""
-
-    module: Any  # dlm.models.transformer.Transformer
-
-    def __call__(self, params, x0_BL, xt_BL, t_B, log_p_BL, mask_id):
-        del t_B
-        scored_BL = (xt_BL == mask_id).at[:, 0].set(False)
-
-        def ar_fn(tokens_BL, t_B=None):
-            return self.module.apply({"params": params}, tokens_BL, t_B, train=False)
-
-        batch = {"tokens": x0_BL, "loss_mask": jnp.ones(x0_BL.shape, jnp.float32)}
-        nll_BL, _ = Autoregressive(mask_id=mask_id).token_losses(ar_fn, batch)  # [B, L-1]
-        log_p_ar_B = -jnp.sum(jnp.where(scored_BL[:, 1:], nll_BL, 0.0), axis=-1)
-        log_p_theta_B = jnp.sum(jnp.where(scored_BL, log_p_BL, 0.0), axis=-1)
-        return log_p_theta_B - log_p_ar_B
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnedEnergy:
-    """EDLM-NCE: the trained energy network `module` (an EnergyNet)."""
-
-    module: Any  # dlm.models.energy.EnergyNet
-
-    def __call__(self, params, x0_BL, xt_BL, t_B, log_p_BL, mask_id):
-        del log_p_BL, mask_id
-        return self.module.apply({"params": params}, x0_BL, t_B, train=False, xt_BL=xt_BL)
 
 
 def sample_denoiser(log_probs_BLV: jax.Array, rng: jax.Array,
@@ -98,24 +52,35 @@ def sample_denoiser(log_probs_BLV: jax.Array, rng: jax.Array,
         keys_B, log_probs_BLV.astype(jnp.float32)).astype(jnp.int32)
 
 
+@process.PROCESSES.register("edlm_nce")
 @dataclasses.dataclass(frozen=True)
-class EnergyNCE:
-    """EDLM-NCE training of an energy network against a frozen MDLM denoiser; implements
-    `process.Process` (with a state). The network trained is an EnergyNet: model_fn(x0, t,
+class EnergyNCE(process.Process):
+    """EDLM-NCE training of an energy network against a frozen MDLM denoiser (the process
+    state and `frozen["denoiser"]`). The network trained is an EnergyNet: model_fn(x0, t,
     xt_BL=x_t) -> E [B].
 
     Attributes:
       diffusion: the masked diffusion the denoiser was trained with (schedule, t_min, ...).
-      denoiser: the MDLM denoiser's Flax module (a DiT).
       nll_negatives: draws from p_theta used to estimate log Z in `nll`.
     """
 
     diffusion: masked.MaskedDiffusion
-    denoiser: Any  # dlm.models.dit.DiT
-    seq_len: int
     nll_negatives: int = 1
 
-    attention_kind: ClassVar[str] = "full"
+    models: ClassVar[tuple[str, ...]] = ("energy",)
+    network_kind: ClassVar[str] = "energy"
+
+    @classmethod
+    def from_config(cls, config, vocab_size: int) -> EnergyNCE:
+        """The EDLM-NCE process of `config`; ValueError naming the key."""
+        negatives = config.process.get("nll_negatives", 1)
+        if not isinstance(negatives, int) or negatives < 1:
+            raise ValueError(f"process.nll_negatives={negatives!r} must be a positive int")
+        if not config.get("init_from", ""):
+            raise ValueError("process.name='edlm_nce' trains against a frozen MDLM denoiser: "
+                             "set config.init_from to the MDLM run's workdir")
+        return EnergyNCE(diffusion=masked.MaskedDiffusion.from_config(config, vocab_size),
+                         nll_negatives=negatives)
 
     @property
     def mask_id(self) -> int:
@@ -125,47 +90,34 @@ class EnergyNCE:
     def schedule(self):
         return self.diffusion.schedule
 
-    def init_state(self, source_params=None) -> dict:
-        """{"denoiser": params}: the init_from run's weights, or a placeholder of their
-        structure (a fresh DiT) when there is no source yet."""
-        from dlm.models.configs import init_params  # the models import flax modules
+    def frozen_networks(self) -> dict[str, str | None]:
+        """The MDLM denoiser: a DiT of this config's model size, the init_from run's."""
+        return {"denoiser": "dit"}
 
-        fresh = functools.partial(init_params, self.denoiser, self.seq_len)
-        if source_params is None:
-            return {"denoiser": fresh(jax.random.PRNGKey(0))}
-        want = jax.eval_shape(fresh, jax.random.PRNGKey(0))
-        shapes = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), want)
-        try:
-            got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), source_params)
-        except (TypeError, ValueError):
-            got = None
-        if got != shapes:
-            raise ValueError("the init_from run's network is not a DiT of this config's model "
-                             "size (model.hidden / layers / heads / cond_dim must match the "
-                             "MDLM denoiser's)")
-        return {"denoiser": source_params}
+    def init_state(self, frozen_params) -> dict:
+        """{"denoiser": params}: the init_from run's weights."""
+        return {"denoiser": frozen_params["denoiser"]}
 
-    def _denoise(self, state, xt_BL, t_B) -> jax.Array:
+    def _denoise(self, frozen, xt_BL, t_B) -> jax.Array:
         """float32 SUBS log p_theta(x_0 | x_t) [B, L, V] of the frozen denoiser."""
-        denoiser_params = jax.lax.stop_gradient(state["denoiser"])
-        logits_BLV = self.denoiser.apply({"params": denoiser_params}, xt_BL, t_B, train=False)
-        return self.diffusion.subs_log_probs(logits_BLV, xt_BL)
+        return self.diffusion.subs_log_probs(frozen["denoiser"](xt_BL, t_B), xt_BL)
 
-    def _pair(self, model_fn, batch, rng, num_examples, state):
+    def _pair(self, model_fn, batch, rng, num_examples, frozen):
         """(t_B, x_t, log p_theta, E(x_0), E(negative)) for one draw of t, x_t and x_hat_0."""
         noise_rng, negative_rng = jax.random.split(rng)
         t_B, xt_BL = self.diffusion.noised(batch, noise_rng, num_examples)
-        log_probs_BLV = self._denoise(state, xt_BL, t_B)
+        log_probs_BLV = self._denoise(frozen, xt_BL, t_B)
         negative_BL = sample_denoiser(log_probs_BLV, negative_rng, batch["example_id"])
         positive_B = model_fn(batch["tokens"], t_B, xt_BL=xt_BL)
         negative_B = model_fn(negative_BL, t_B, xt_BL=xt_BL)
         return t_B, xt_BL, log_probs_BLV, positive_B, negative_B
 
     def loss(self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *,
-             num_examples: int, state=None) -> tuple[jax.Array, process.Metrics]:
+             num_examples: int, state=None, frozen=None) -> tuple[jax.Array, process.Metrics]:
         """NCE: softplus(E+) + softplus(-E-) per example; the mean is over examples with at
-        least one real token. Metrics add the classifier's accuracy."""
-        _, _, _, positive_B, negative_B = self._pair(model_fn, batch, rng, num_examples, state)
+        least one real token."""
+        del state
+        _, _, _, positive_B, negative_B = self._pair(model_fn, batch, rng, num_examples, frozen)
         real_B = jnp.any(batch["loss_mask"] > 0, axis=-1).astype(jnp.float32)
         loss_B = jax.nn.softplus(positive_B) + jax.nn.softplus(-negative_B)
         loss_sum = jnp.sum(loss_B * real_B)
@@ -173,11 +125,12 @@ class EnergyNCE:
         return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "token_count": count}
 
     def nll(self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *,
-            num_examples: int, state=None) -> tuple[jax.Array, jax.Array]:
+            num_examples: int, state=None, frozen=None) -> tuple[jax.Array, jax.Array]:
         """The EDLM NLL estimate per sequence (see the module docstring), float32 [B]."""
+        del state
         pair_rng, extra_rng = jax.random.split(rng)
         t_B, xt_BL, log_probs_BLV, positive_B, negative_B = self._pair(
-            model_fn, batch, pair_rng, num_examples, state)
+            model_fn, batch, pair_rng, num_examples, frozen)
         tokens_BL = batch["tokens"]
         real_BL = batch["loss_mask"] > 0
         log_p_BL = jnp.take_along_axis(log_probs_BLV, tokens_BL[..., None], axis=-1)[..., 0]
@@ -198,20 +151,3 @@ class EnergyNCE:
         correction_B = weight_B * (positive_B + log_z_B)
         count_B = jnp.sum(real_BL.astype(jnp.float32), axis=-1)
         return jnp.where(count_B > 0, factorised_B + correction_B, 0.0), count_B
-
-
-def from_config(config, diffusion: masked.MaskedDiffusion, vocab_size: int) -> EnergyNCE:
-    """The EDLM-NCE process of `config` (process.name='edlm_nce'); ValueError naming the key."""
-    from dlm.models import configs as model_configs  # the models import flax modules
-
-    negatives = config.process.get("nll_negatives", 1)
-    if not isinstance(negatives, int) or negatives < 1:
-        raise ValueError(f"process.nll_negatives={negatives!r} must be a positive int")
-    if not config.get("init_from", ""):
-        raise ValueError("process.name='edlm_nce' trains against a frozen MDLM denoiser: set "
-                         "config.init_from to the MDLM run's workdir")
-    denoiser_config = config.model.copy_and_resolve_references()
-    denoiser_config.name = "dit"
-    denoiser = model_configs.build_model(denoiser_config, vocab_size)
-    return EnergyNCE(diffusion=diffusion, denoiser=denoiser, seq_len=int(config.data.seq_len),
-                     nll_negatives=negatives)

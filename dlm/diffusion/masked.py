@@ -21,6 +21,8 @@ Padding positions are corrupted like any other (the network's inputs do not depe
 padding is) and excluded from the loss by loss_mask.
 """
 
+from __future__ import annotations
+
 import dataclasses
 from typing import ClassVar
 
@@ -58,9 +60,10 @@ def subs_log_probs(logits_BLV: jax.Array, xt_BL: jax.Array, mask_id: int) -> jax
     return jnp.where(is_masked_BL1, log_probs_BLV, carry_BLV)
 
 
+@process.PROCESSES.register("mdlm")
 @dataclasses.dataclass(frozen=True)
-class MaskedDiffusion:
-    """MDLM's masked diffusion process; implements `process.Process`.
+class MaskedDiffusion(process.Process):
+    """MDLM's masked diffusion process.
 
     Attributes:
       schedule: the noise schedule alpha(t).
@@ -74,7 +77,23 @@ class MaskedDiffusion:
     t_min: float = 1e-3
     num_timesteps: int = 0
 
-    attention_kind: ClassVar[str] = "full"
+    models: ClassVar[tuple[str, ...]] = ("dit",)
+    network_kind: ClassVar[str] = "denoiser"
+    exportable: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, config, vocab_size: int) -> MaskedDiffusion:
+        """MDLM of a run config: `process.schedule*`, `t_min`, `num_timesteps`; the mask id is
+        V - 1. Raises ValueError naming the offending key."""
+        t_min = float(config.process.get("t_min", 1e-3))
+        if not 0.0 < t_min < 1.0:
+            raise ValueError(f"process.t_min={t_min} must lie in (0, 1)")
+        num_timesteps = config.process.get("num_timesteps", 0)
+        if not isinstance(num_timesteps, int) or num_timesteps < 0:
+            raise ValueError(f"process.num_timesteps={num_timesteps!r} must be an int >= 0 "
+                             "(0: continuous time)")
+        return MaskedDiffusion(schedule=schedules.make_schedule(config), mask_id=vocab_size - 1,
+                               t_min=t_min, num_timesteps=num_timesteps)
 
     def sample_times(self, rng: jax.Array, example_id_B: jax.Array, num_examples: int) -> jax.Array:
         """Stratified float32 times t_B: in [t_min, 1], or on {1/T, ..., 1} when T > 0."""
@@ -132,11 +151,11 @@ class MaskedDiffusion:
 
     def loss(
         self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int,
-        state=None,
+        state=None, frozen=None,
     ) -> tuple[jax.Array, process.Metrics]:
         """See `process.Process.loss`; the mean is over all real tokens, masked or not. The
         process has no state."""
-        del state
+        del state, frozen
         loss_sum = jnp.sum(self.token_losses(model_fn, batch, rng, num_examples))
         token_count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         loss = loss_sum / jnp.maximum(token_count, 1.0)
@@ -144,10 +163,10 @@ class MaskedDiffusion:
 
     def nll(
         self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, *, num_examples: int,
-        state=None,
+        state=None, frozen=None,
     ) -> tuple[jax.Array, jax.Array]:
         """See `process.Process.nll`: one-sample NELBO estimates per sequence, float32 [B]."""
-        del state
+        del state, frozen
         nll_sum_B = jnp.sum(self.token_losses(model_fn, batch, rng, num_examples), axis=-1)
         token_count_B = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1)
         return nll_sum_B, token_count_B

@@ -8,11 +8,12 @@ all-masked prior exactly; MDLM uses eps = 1e-3 for numerical safety).
 import abc
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-SCHEDULES = ("loglinear", "linear", "cosine", "polynomial")
+from dlm.registry import Registry
 
 
 class Schedule(abc.ABC):
@@ -125,30 +126,40 @@ class PolynomialSchedule(Schedule):
         return self.power / t
 
 
-def make_schedule(config) -> Schedule:
-    """The schedule named by `config.process.schedule` (default 'loglinear').
+def _linear(eps: float, config) -> LinearSchedule:
+    del config
+    if eps <= 0.0:
+        raise ValueError(f"process.schedule_eps={eps} must be > 0 for the 'linear' schedule")
+    return LinearSchedule(eps=eps)
 
-    Reads `process.schedule_eps` (default 1e-3) and, for 'polynomial', `process.schedule_power`
-    (default 1.0). Raises ValueError naming the offending key.
-    """
-    name = config.process.get("schedule", "loglinear")
-    eps = float(config.process.get("schedule_eps", 1e-3))
-    if name not in SCHEDULES:
-        raise ValueError(f"process.schedule={name!r}; allowed values: {', '.join(SCHEDULES)}")
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"process.schedule_eps={eps} must lie in [0, 1)")
-    if name == "loglinear":
-        return LogLinearSchedule(eps=eps)
-    if name == "linear":
-        if eps <= 0.0:
-            raise ValueError(f"process.schedule_eps={eps} must be > 0 for the 'linear' schedule")
-        return LinearSchedule(eps=eps)
-    if name == "cosine":
-        return CosineSchedule(eps=eps)
+
+def _polynomial(eps: float, config) -> PolynomialSchedule:
     power = float(config.process.get("schedule_power", 1.0))
     if power <= 0.0:
         raise ValueError(f"process.schedule_power={power} must be > 0")
     return PolynomialSchedule(power=power, eps=eps)
+
+
+# `process.schedule` -> (eps, config) -> Schedule.
+SCHEDULES: Registry[Callable[..., Schedule]] = Registry("process.schedule")
+SCHEDULES.register("loglinear", lambda eps, config: LogLinearSchedule(eps=eps))
+SCHEDULES.register("linear", _linear)
+SCHEDULES.register("cosine", lambda eps, config: CosineSchedule(eps=eps))
+SCHEDULES.register("polynomial", _polynomial)
+
+
+def make_schedule(config) -> Schedule:
+    """The schedule named by `config.process.schedule` (default 'loglinear', one of
+    `SCHEDULES`).
+
+    Reads `process.schedule_eps` (default 1e-3) and, for 'polynomial', `process.schedule_power`
+    (default 1.0). Raises ValueError naming the offending key.
+    """
+    build = SCHEDULES.get(config.process.get("schedule", "loglinear"))
+    eps = float(config.process.get("schedule_eps", 1e-3))
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"process.schedule_eps={eps} must lie in [0, 1)")
+    return build(eps, config)
 
 
 def stratified_uniform(rng: jax.Array, example_id_B: jax.Array, num_examples: int) -> jax.Array:

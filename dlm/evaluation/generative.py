@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlm.diffusion.autoregressive import Autoregressive
-from dlm.training.step import model_fn
+from dlm.parallel import model_fn
 
 
 def scored_mask(tokens_BL: np.ndarray, *, mask_id: int, pad_id: int | None = None,

@@ -17,19 +17,22 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from dlm.training.step import DATA_AXIS, model_fn
+from dlm.parallel import DATA_AXIS, frozen_fns, model_fn
 
 
-def _per_device_nll(params, batch, rng, process_state, *, model, process, num_examples):
+def _per_device_nll(params, batch, rng, process_state, *, model, process, frozen,
+                    num_examples):
     fn = model_fn(model, params, train=False)
-    return process.nll(fn, batch, rng, num_examples=num_examples, state=process_state)
+    return process.nll(fn, batch, rng, num_examples=num_examples, state=process_state,
+                       frozen=frozen_fns(frozen, process_state))
 
 
-def make_nll_fn(model, process, mesh, *, global_batch: int):
+def make_nll_fn(model, process, mesh, *, global_batch: int, frozen=None):
     """Returns jitted `nll(params, batch, rng, process_state) -> (nll_sum_B, token_count_B)`
-    over `mesh` (`process_state`: the run's, e.g. EDLM's frozen denoiser; None for most)."""
+    over `mesh` (`process_state`: the run's, e.g. EDLM's frozen denoiser; None for most;
+    `frozen`: the Flax modules of the process's frozen networks)."""
     per_device = functools.partial(_per_device_nll, model=model, process=process,
-                                   num_examples=global_batch)
+                                   frozen=frozen or {}, num_examples=global_batch)
     return jax.jit(jax.shard_map(per_device, mesh=mesh,
                                  in_specs=(P(), P(DATA_AXIS), P(), P()),
                                  out_specs=(P(DATA_AXIS), P(DATA_AXIS))))

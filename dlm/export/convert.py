@@ -20,10 +20,10 @@ import numpy as np
 
 import dlm
 from dlm.data import tokenizers
+from dlm.diffusion import process as process_lib
 from dlm.export import hf, layout
-from dlm.models import configs as model_configs
+from dlm.models import registry as model_registry
 
-PROCESSES = ("mdlm", "bd3lm", "ar")
 _ARCHITECTURE_OF = {"dit": "dit", "transformer": "transformer"}
 _PROCESS_KEYS = ("schedule", "schedule_eps", "schedule_power", "t_min", "num_timesteps")
 
@@ -58,21 +58,27 @@ def model_section(model_config, vocab_size: int) -> dict:
 def process_section(config) -> dict:
     """config.json's "process": its name, block size (BD3-LM) and noise schedule."""
     name = config.process.name
-    if name not in PROCESSES:
-        raise ValueError(f"process.name={name!r} cannot be exported; allowed: "
-                         f"{', '.join(PROCESSES)}")
+    kind = _exportable(name, "process.name").network_kind
     section = {"name": name, "block_size": None}
-    if name == "bd3lm":
+    if kind == "block":
         size = config.get("block_size", None) or config.process.get("block_size", None)
         section["block_size"] = int(size)
         # Training runs x_t ⊕ x_0 under bd3lm:b; sampling runs blocks under block_causal:b.
         section["training_mask"] = f"bd3lm:{int(size)}"
         section["sampling_mask"] = f"block_causal:{int(size)}"
-    if name != "ar":
+    if kind != "causal":
         section.update({key: config.process.get(key) for key in _PROCESS_KEYS
                         if config.process.get(key) is not None})
         section["time_input"] = "diffusion time t in [0, 1]; read only when time_conditioning"
     return section
+
+
+def _exportable(name: str, key: str) -> type[process_lib.Process]:
+    """The registered process class `name` when it is exportable; ValueError otherwise."""
+    exportable = [n for n, cls in process_lib.PROCESSES.items() if cls.exportable]
+    if name not in exportable:
+        raise ValueError(f"{key}={name!r} cannot be exported; allowed: {', '.join(exportable)}")
+    return process_lib.PROCESSES.get(name)
 
 
 def tokenizer_section(tokenizer: tokenizers.Tokenizer | None) -> dict | None:
@@ -161,13 +167,13 @@ class Exported:
     process: Any
 
     def network(self):
-        """The sampling-engine network (`dlm.sampling.networks.from_flax`); needs the
-        tokenizer's special ids."""
-        from dlm.sampling import networks
+        """The sampling-engine network (`dlm.sampling.from_flax`); needs the tokenizer's
+        special ids."""
+        from dlm import sampling
 
         if self.tokenizer is None:
             raise ValueError("this export has no tokenizer; the samplers need one")
-        return networks.from_flax(self.module, self.process, self.tokenizer,
+        return sampling.from_flax(self.module, self.process, self.tokenizer,
                                   context_len=int(self.config.data.seq_len))
 
 
@@ -178,9 +184,8 @@ def run_config(export: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
     model, process = export["model"], export.get("process") or {}
     name = process.get("name", "mdlm" if model["architecture"] == "dit" else "ar")
-    if name not in PROCESSES:
-        raise ValueError(f"config.json: process.name={name!r}; allowed: {', '.join(PROCESSES)}")
-    if (name == "ar") != (model["architecture"] == "transformer"):
+    process_class = _exportable(name, "config.json: process.name")
+    if model["architecture"] not in process_class.models:
         raise ValueError(f"config.json: process {name!r} does not go with architecture "
                          f"{model['architecture']!r}")
     if export.get("dlm_config"):
@@ -197,7 +202,7 @@ def run_config(export: Mapping[str, Any]) -> ml_collections.ConfigDict:
         "attention_impl": "xla"})
     if "mask" in model:
         config.model.mask = model["mask"]
-    if name == "bd3lm":
+    if process_class.network_kind == "block":
         config.block_size = int(process["block_size"])
     config.model.vocab_size = model["vocab_size"]
     return config
@@ -207,8 +212,6 @@ def load_export(directory) -> Exported:
     """An export folder (config.json, model.safetensors, tokenizer/) as a dlm network whose
     logits equal those of the exported run. Raises FileNotFoundError / ValueError naming the
     file, key or tensor that is missing or disagrees."""
-    from dlm.diffusion import process as process_lib
-
     directory = pathlib.Path(directory).expanduser()
     if (directory / hf.EXPORT_FILE).is_file():  # a --format=hf folder
         export, tensors = hf.read_hf(directory)
@@ -226,7 +229,7 @@ def load_export(directory) -> Exported:
             raise ValueError(f"{directory / layout.TOKENIZER_DIR}: the tokenizer has "
                              f"{tokenizer.vocab_size} ids but config.json's model.vocab_size "
                              f"is {vocab_size}")
-    module = model_configs.build_model(config.model, vocab_size)
+    module = model_registry.build_model(config.model, vocab_size)
     params = from_tensors(tensors, export["model"], str(weights_file))
     process = process_lib.make_process(config, vocab_size=vocab_size)
     return Exported(export, config, module, params, tokenizer, process)

@@ -41,9 +41,10 @@ def export_workdir(workdir, out, fmt: str = "safetensors", *, checkpoint_step: i
     absolute and relative (to max |logit|) logit differences.
     """
     check_format(fmt)
-    from dlm.sampling import loading  # JAX-heavy: imported on use
+    from dlm.runs import loading  # JAX-heavy: imported on use
+    from dlm.runs import workdir as workdir_lib
 
-    files = loading.read_run(workdir)
+    files = workdir_lib.read_run(workdir)
     export_probe = convert.export_config(files.config, files.tokenizer.vocab_size,
                                          files.tokenizer)
     if fmt == "hf":

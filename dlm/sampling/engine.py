@@ -1,17 +1,21 @@
-"""The one sampler loop: a jit-compiled `lax.while_loop` over `SamplerState`.
+"""The one sampler loop: a jit-compiled `lax.while_loop` over `SamplerState`, and `draw`.
 
-A `Sampler` is a frozen (hashable) pair of a step rule and a stop policy. The loop runs the
-rule until every sample is done or the rule's step budget is spent; samples that finish early
-are frozen while the others go on. The sampler and the network are static arguments, so there
-is one compilation per (batch, length, sampler, network) and the loop body is traced once.
-A new sampler is a new `StepRule` (or new policies for an existing one, see `unmask`).
+A `Sampler` is a frozen (hashable) pair of a step rule and a stop policy. The loop (`run`)
+runs the rule until every sample is done or the rule's step budget is spent; samples that
+finish early are frozen while the others go on. The sampler and the network are static
+arguments, so there is one compilation per (batch, length, sampler, network) and the loop
+body is traced once. `draw` is the one public way to sample: it compiles `run` ahead of time
+for the inputs' shapes and runs it over batches. A new sampler is a new `StepRule` (or new
+policies for an existing one, see `unmask`) and a recipe naming it (see `recipes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar, Protocol
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +23,18 @@ import numpy as np
 from jax import lax
 
 from dlm.sampling import stop as stop_lib
-from dlm.sampling.state import SampleOutput, SamplerState, initial_state
+from dlm.sampling.state import SampleOutput, SamplerState
 
 
 class StepRule(Protocol):
     """What the loop asks of a sampler's step; implementations are frozen dataclasses.
 
-    A rule may also define `for_network(network) -> rule`, which the loop calls first to check
-    the network and settle options that default to the network's (the bd3lm block size).
+    A rule may also define `for_network(network) -> rule`, which the loop calls first to
+    settle options that default to the network's (the bd3lm block size).
     """
 
+    # The kind of network it samples (one of `networks.NETWORK_KINDS`); `check_network`.
+    network_kind: ClassVar[str]
     # Whether `init` needs the length of a prompt shared by all rows (AR prefill); rules
     # that do not get 0, so prompts of any length share one compilation.
     uses_prefix: ClassVar[bool]
@@ -72,13 +78,16 @@ def run(sampler: Sampler, network, params, tokens_BL: jax.Array, known_BL: jax.A
 
     `prefix_len` is the length of a prompt that every row shares (only rules with
     `uses_prefix` read it; pass 0 otherwise). Returns a SampleOutput with [B, L] arrays.
+    The loop itself: sample with `draw`. Raises ValueError (when traced) for a network the
+    sampler does not take (`check_network`).
     """
+    check_network(sampler, network.kind)
     vocab = network.vocab
     rule = sampler.rule
     if hasattr(rule, "for_network"):  # options defaulting to the network's (bd3lm's block size)
         rule = rule.for_network(network)
     length = tokens_BL.shape[1]
-    state = initial_state(tokens_BL, known_BL, rng, vocab.mask_id)
+    state = SamplerState.start(tokens_BL, known_BL, rng, vocab.mask_id)
     state = sampler.stop.update(rule.init(network, params, state, prefix_len), vocab)
     max_steps = rule.max_steps(length, prefix_len)
 
@@ -94,12 +103,132 @@ def run(sampler: Sampler, network, params, tokens_BL: jax.Array, known_BL: jax.A
     return SampleOutput.from_state(lax.while_loop(cond_fn, body_fn, state))
 
 
-def compile_run(sampler: Sampler, network, params, tokens_BL, known_BL, rng,
-                prefix_len: int = 0):
-    """`run` compiled ahead of time for these shapes: returns `fn(params, tokens_BL,
-    known_BL, rng) -> SampleOutput` (so that compilation can be timed apart)."""
-    return run.lower(sampler, network, params, tokens_BL, known_BL, rng,
-                     prefix_len=prefix_len).compile()
+@dataclasses.dataclass(frozen=True)
+class Drawn:
+    """What `draw` returns.
+
+    Attributes:
+      output: the samples on the host (numpy), batches concatenated: tokens_BL, known_BL,
+        confidence_BL, commit_step_BL [num_batches * B, L], nfe_B and done_B
+        [num_batches * B]; nfe (network calls) and steps (loop iterations) summed over the
+        batches.
+      seconds: wall time of each batch's call, compilation excluded.
+      compile_seconds: the time to compile the loop for these shapes (near 0 when JAX had
+        already compiled it).
+      known_BL: bool [B, L], the conditioning positions of one batch (prompt or infilling
+        context), on the host.
+      prompt_len: the length of the prefix known in every row (the prompt's, or the leading
+        run of columns known in every row when infilling).
+    """
+
+    output: SampleOutput
+    seconds: tuple[float, ...]
+    compile_seconds: float
+    known_BL: np.ndarray
+    prompt_len: int
+
+
+def draw(sampler: Sampler, network, params, rng: jax.Array, *, batch_size: int | None = None,
+         length: int | None = None, prompt=None, tokens_BL=None, known_BL=None,
+         num_batches: int = 1, sharding: jax.sharding.Sharding | None = None,
+         fetch: Callable[[Any], Any] = jax.device_get) -> Drawn:
+    """Samples `num_batches` batches of `batch_size` sequences; the one way to draw samples.
+
+    The inputs are either `prompt` ([P] shared by all rows or [B, P] per row; None: no
+    prompt) continued to `length` tokens, or, for infilling, `tokens_BL` int32 [B, L] filled
+    wherever `known_BL` bool [B, L] is False (`batch_size` and `length`, if given, must match
+    their shape). Rules that need a shared prompt (AR) take the leading run of columns known
+    in every row as it.
+
+    `run` is compiled once for these shapes, timed apart; batch i then draws with key
+    `jax.random.fold_in(rng, i)`. The inputs are placed with `sharding` (None: the default
+    device) and each batch's output is brought to the host with `fetch` once it is ready
+    (for multi-process runs, a fetch that gathers rows split over processes).
+
+    Raises ValueError for inconsistent inputs, a prompt longer than `length` or holding the
+    mask id, an AR sampler without a first token, or a sampler that does not take the
+    network (`check_network`).
+    """
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches} must be >= 1")
+    tokens_BL, known_BL, prompt_len = _inputs(network.vocab.mask_id, batch_size, length, prompt,
+                                              tokens_BL, known_BL)
+    prefix_len = static_prefix(sampler, prompt_len)
+    known_host_BL = known_BL
+    if sharding is None:
+        tokens_BL, known_BL = jnp.asarray(tokens_BL), jnp.asarray(known_BL)
+    else:
+        tokens_BL, known_BL = (jax.device_put(x, sharding) for x in (tokens_BL, known_BL))
+    start = time.perf_counter()  # compiled ahead of time, so that compilation is timed apart
+    sample_fn = run.lower(sampler, network, params, tokens_BL, known_BL, rng,
+                          prefix_len=prefix_len).compile()  # (params, tokens, known, rng)
+    compile_seconds = time.perf_counter() - start
+
+    outputs, seconds = [], []
+    for index in range(num_batches):
+        start = time.perf_counter()
+        out = jax.block_until_ready(sample_fn(params, tokens_BL, known_BL,
+                                              jax.random.fold_in(rng, index)))
+        seconds.append(time.perf_counter() - start)
+        outputs.append(fetch(out))
+    return Drawn(output=_concatenate(outputs), seconds=tuple(seconds),
+                 compile_seconds=compile_seconds, known_BL=known_host_BL,
+                 prompt_len=prompt_len)
+
+
+def _inputs(mask_id: int, batch_size, length, prompt, tokens_BL, known_BL
+            ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens_BL int32, known_BL bool, shared prefix length) on the host, from `draw`'s
+    prompt or infilling arguments."""
+    if tokens_BL is None and known_BL is None:
+        if batch_size is None or length is None:
+            raise ValueError("draw needs batch_size and length (or tokens_BL and known_BL)")
+        return prefix_inputs(prompt, batch_size, length, mask_id)
+    if tokens_BL is None or known_BL is None:
+        raise ValueError("infilling needs both tokens_BL and known_BL")
+    if prompt is not None:
+        raise ValueError("pass a prompt or tokens_BL / known_BL, not both")
+    tokens_BL = np.asarray(tokens_BL, np.int32)
+    known_BL = np.asarray(known_BL, bool)
+    if tokens_BL.ndim != 2 or known_BL.shape != tokens_BL.shape:
+        raise ValueError(f"tokens_BL {tokens_BL.shape} and known_BL {known_BL.shape} must be "
+                         "[B, L] of one shape")
+    for name, value, size in (("batch_size", batch_size, tokens_BL.shape[0]),
+                              ("length", length, tokens_BL.shape[1])):
+        if value is not None and value != size:
+            raise ValueError(f"{name}={value}, but tokens_BL has shape {tokens_BL.shape}")
+    shared_prefix = int(np.argmin(np.append(known_BL.all(axis=0), False)))
+    return tokens_BL, known_BL, shared_prefix
+
+
+def _concatenate(outputs: list[SampleOutput]) -> SampleOutput:
+    """The batches' host outputs as one: rows concatenated, nfe and steps summed."""
+    def join(*leaves):
+        leaves = [np.asarray(leaf) for leaf in leaves]
+        if leaves[0].ndim == 0:
+            return np.sum(leaves, axis=0, dtype=leaves[0].dtype)
+        return np.concatenate(leaves)
+
+    return jax.tree.map(join, *outputs)
+
+
+def check_network(sampler: Sampler, kind: str, what: str = "network") -> None:
+    """Raises ValueError unless `sampler` samples networks of `kind` (a network's `kind`, or
+    a process's `network_kind`); the message names `what` and the samplers that fit it."""
+    needs = sampler.rule.network_kind
+    if needs == kind:
+        return
+    from dlm.sampling import recipes  # the recipes sit above the engine
+    from dlm.sampling.networks import KIND_NAMES
+
+    fitting = recipes.samplers_for(kind)
+    use = f"use {', '.join(fitting)}" if fitting else "no sampler takes it"
+    raise ValueError(f"sampler {sampler.name!r} cannot sample {_a(KIND_NAMES.get(kind, kind))} "
+                     f"{what}: it needs {_a(needs)} network, this is {_a(kind)} one; {use}")
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 
 
 def prefix_inputs(prompt, batch_size: int, length: int, mask_id: int
@@ -126,27 +255,6 @@ def prefix_inputs(prompt, batch_size: int, length: int, mask_id: int
     return tokens_BL, known_BL, prompt_len
 
 
-def generate(sampler: Sampler, network, params, rng: jax.Array, *, batch_size: int,
-             length: int, prompt=None) -> SampleOutput:
-    """Samples `batch_size` sequences of `length` tokens continuing `prompt` ([P] or [B, P]).
-
-    Returns a SampleOutput whose tokens_BL [B, L] include the prompt.
-    """
-    tokens_BL, known_BL, prompt_len = prefix_inputs(prompt, batch_size, length,
-                                                    network.vocab.mask_id)
-    return run(sampler, network, params, jnp.asarray(tokens_BL), jnp.asarray(known_BL), rng,
-               prefix_len=static_prefix(sampler, prompt_len))
-
-
-def sampler_fn(sampler: Sampler, network, *, batch_size: int, length: int):
-    """`sample(params, prompt, rng) -> SampleOutput` for fixed shapes (see `generate`)."""
-    def sample(params, prompt, rng) -> SampleOutput:
-        return generate(sampler, network, params, rng, batch_size=batch_size, length=length,
-                        prompt=prompt)
-
-    return sample
-
-
 def static_prefix(sampler: Sampler, prompt_len: int) -> int:
     """The prefix length to compile for: the prompt's for rules that use it, else 0.
 
@@ -158,16 +266,3 @@ def static_prefix(sampler: Sampler, prompt_len: int) -> int:
         raise ValueError(f"sampler {sampler.name!r} needs a prompt of at least one token "
                          "(e.g. BOS) to start from")
     return prompt_len
-
-
-def infill(sampler: Sampler, network, params, rng: jax.Array, tokens_BL, known_BL
-           ) -> SampleOutput:
-    """Fills every position of tokens_BL [B, L] where known_BL [B, L] is False.
-
-    Rules that need a shared prompt (AR) treat the leading run of columns known in every
-    row as it.
-    """
-    known = np.asarray(known_BL, bool)
-    shared_prefix = int(np.argmin(np.append(known.all(axis=0), False)))
-    return run(sampler, network, params, jnp.asarray(tokens_BL, jnp.int32), jnp.asarray(known),
-               rng, prefix_len=static_prefix(sampler, shared_prefix))

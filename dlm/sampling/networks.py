@@ -1,20 +1,30 @@
 """The networks as samplers call them: a masked denoiser, a block diffusion denoiser with a
-KV cache of committed blocks, or a causal LM with a KV cache.
+KV cache of committed blocks, a causal LM with a KV cache, or a denoiser with an energy.
 
-Samplers are jit-compiled with the network as a static argument, so every object here is a
-frozen dataclass that compares and hashes by value: rebuilding the same network for the same
-module reuses the compiled sampler.
+Each class names its `kind` (one of NETWORK_KINDS); each step rule names the kind it needs
+# What each kind is called in messages (a run's or a network's).
+KIND_NAMES = {"denoiser": "masked diffusion", "block": "block diffusion",
+              "causal": "autoregressive", "denoiser+energy": "masked diffusion + energy",
+              "energy": "EDLM energy"}
+(`network_kind`), and `engine.check_network` compares the two. Samplers are jit-compiled with
+the network as a static argument, so every object here is a frozen dataclass that compares
+and hashes by value: rebuilding the same network for the same module reuses the compiled
+sampler.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
 from dlm.diffusion import schedules
+
+# What a sampler may need: a masked denoiser, a block diffusion denoiser, a causal LM, or a
+# masked denoiser corrected by an energy.
+NETWORK_KINDS = ("denoiser", "block", "causal", "denoiser+energy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +53,8 @@ class Denoiser:
     schedule: schedules.Schedule = schedules.LogLinearSchedule()
     time_conditioned: bool = False
 
+    kind: ClassVar[str] = "denoiser"
+
 
 @dataclasses.dataclass(frozen=True)
 class CausalLM:
@@ -58,6 +70,8 @@ class CausalLM:
     decode_fn: Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
     init_cache_fn: Callable[[int, int], Any]
     vocab: Vocab
+
+    kind: ClassVar[str] = "causal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +107,8 @@ class BlockDenoiser:
     block_size: int
     context_len: int | None = None
 
+    kind: ClassVar[str] = "block"
+
 
 @dataclasses.dataclass(frozen=True)
 class EnergyDenoiser:
@@ -102,11 +118,13 @@ class EnergyDenoiser:
     Attributes:
       denoiser: the masked-diffusion network.
       energy: hashable `(params, x0_BL, xt_BL, t_B, log_p_BL, mask_id) -> E_B` (see
-        `dlm.diffusion.energy.Energy`): low energy = more likely.
+        `importance.Energy`): low energy = more likely.
     """
 
     denoiser: Denoiser
     energy: Callable[..., jax.Array]
+
+    kind: ClassVar[str] = "denoiser+energy"
 
     @property
     def vocab(self) -> Vocab:
@@ -165,29 +183,36 @@ class _FlaxInitCache:
 
 def from_flax(module, process, tokenizer=None, context_len: int | None = None
               ) -> Denoiser | BlockDenoiser | CausalLM:
-    """Wraps a DiT (with a MaskedDiffusion process, or a block diffusion process: one with a
-    `block_size`) or a Transformer (with Autoregressive).
+    """Wraps a Flax module as the network its `process` trained: by `process.network_kind`,
+    a DiT as a Denoiser ('denoiser') or a BlockDenoiser ('block', blocks of
+    `process.block_size`), a Transformer as a CausalLM ('causal').
 
     `tokenizer` (optional) supplies the EOS and pad ids for end-of-text policies;
     `context_len` (optional) is the training sequence length, the default view of a block
-    diffusion sampler. Raises ValueError for a time-conditioned block diffusion network.
+    diffusion sampler. Raises ValueError for another kind (no sampler takes it) or a
+    time-conditioned block diffusion network.
     """
-    eos_id = None if tokenizer is None else tokenizer.eos_id
-    pad_id = None if tokenizer is None else tokenizer.pad_id
-    mask_id = getattr(process, "mask_id", None)
-    if mask_id is None:
+    kind = process.network_kind
+    if kind not in ("denoiser", "block", "causal"):
+        raise ValueError(f"a {type(process).__name__} process trains a {kind!r} network, which "
+                         "no sampler takes (from_flax wraps 'denoiser', 'block' and 'causal' "
+                         "networks)")
+    mask_id = process.mask_id
+    if mask_id is None:  # Autoregressive's default: the last vocabulary entry
         mask_id = module.vocab_size - 1
-    vocab = Vocab(mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
-    block_size = getattr(process, "block_size", None)
-    if block_size is not None:
-        if module.config.get("time_conditioning", False):
-            raise ValueError("block diffusion sampling does not support a time-conditioned "
-                             "network (model.time_conditioning=True)")
-        mask = f"block_causal:{int(block_size)}"
-        return BlockDenoiser(_FlaxBlockDecode(module, mask), _FlaxBlockForward(module, mask),
-                             _FlaxInitCache(module), vocab, process.schedule, int(block_size),
-                             None if context_len is None else int(context_len))
-    if hasattr(process, "schedule"):
+    vocab = Vocab(mask_id=int(mask_id),
+                  eos_id=None if tokenizer is None else tokenizer.eos_id,
+                  pad_id=None if tokenizer is None else tokenizer.pad_id)
+    if kind == "causal":
+        return CausalLM(_FlaxDecode(module), _FlaxInitCache(module), vocab)
+    if kind == "denoiser":
         return Denoiser(_FlaxDenoise(module), vocab, process.schedule,
                         bool(module.config.time_conditioning))
-    return CausalLM(_FlaxDecode(module), _FlaxInitCache(module), vocab)
+    if module.config.get("time_conditioning", False):
+        raise ValueError("block diffusion sampling does not support a time-conditioned "
+                         "network (model.time_conditioning=True)")
+    block_size = int(process.block_size)
+    mask = f"block_causal:{block_size}"
+    return BlockDenoiser(_FlaxBlockDecode(module, mask), _FlaxBlockForward(module, mask),
+                         _FlaxInitCache(module), vocab, process.schedule, block_size,
+                         None if context_len is None else int(context_len))

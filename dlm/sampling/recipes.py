@@ -1,10 +1,13 @@
 """Named samplers: the published algorithms as policies on the one engine.
 
-Every recipe is a function of keyword options returning a `Sampler`; `get_sampler(name,
-**overrides)` looks one up (`ddpm_cache` is `mdlm` with `cache_logits=True`). Options shared
-by all: temperature (0: greedy), top_k (0: off), top_p (1: off), gumbel_dtype (None: float64
-on cpu/gpu), stop_at_eos, eos_fill ('eos' or 'pad'), suppress_eos. Adding a recipe: write a
-function here and list it in SAMPLERS.
+A recipe is a function `(decoding, **its own options) -> step rule`, registered under its
+name by `@recipe(name)`: the registry (`SAMPLERS`) is the one list of sampler names, and
+the kind of network each one samples is its rule's `network_kind`. The options every recipe
+shares, how tokens are drawn and when a sample ends, are `Decoding`'s, defined once; a recipe
+may change their defaults (`@recipe("llada", temperature=0.0)`), as it may its own
+(`recipe("ddpm_cache", mdlm, cache_logits=True)`). `get_sampler(name, **overrides)` builds
+a `Sampler`; `options(name)` lists what it takes. Adding a sampler: a recipe function here
+(and its step rule's module when it needs a new rule).
 """
 
 from __future__ import annotations
@@ -12,14 +15,101 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Callable
 
+from dlm.registry import Registry
 from dlm.sampling import categorical, scores, select, times, transforms
-from dlm.sampling.autoregressive import NextToken
-from dlm.sampling.blocks import BlockUnmask
-from dlm.sampling.energy import ImportanceUnmask
-from dlm.sampling.engine import Sampler
+from dlm.sampling.block_unmask import BlockUnmask
+from dlm.sampling.engine import Sampler, StepRule
+from dlm.sampling.importance import ImportanceUnmask
+from dlm.sampling.next_token import NextToken
 from dlm.sampling.stop import Stop
 from dlm.sampling.unmask import Unmask
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """The options every recipe shares.
+
+    Attributes:
+      temperature: of the token draws; 0 is greedy (the argmax).
+      top_k: draw among the k most likely tokens only (0: off).
+      top_p: draw from the nucleus of probability p only (1: off).
+      gumbel_dtype: the noise of categorical draws, 'float32' or 'float64' (None: float64
+        on cpu/gpu, float32 elsewhere; see `categorical`).
+      stop_at_eos: a sample ends at its first generated EOS (variable length).
+      eos_fill: what fills the positions after it: 'eos' or 'pad'.
+      suppress_eos: never propose EOS (fixed-length generation).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gumbel_dtype: str | None = None
+    stop_at_eos: bool = False
+    eos_fill: str = "eos"
+    suppress_eos: bool = False
+
+    def __post_init__(self):  # each raises ValueError naming the bad option
+        categorical.resolve_dtype(self.gumbel_dtype)
+        transforms.standard(self.temperature, self.top_k, self.top_p, self.suppress_eos)
+        Stop(self.stop_at_eos, self.eos_fill)
+
+    @property
+    def chain(self) -> tuple:
+        """The logits transforms, in the standard order (see `transforms.standard`)."""
+        return transforms.standard(self.temperature, self.top_k, self.top_p, self.suppress_eos)
+
+    @property
+    def proposal(self) -> categorical.Categorical | categorical.Greedy:
+        """Greedy at temperature 0, a categorical draw otherwise."""
+        return categorical.proposal_for(self.temperature, self.gumbel_dtype)
+
+    @property
+    def stop(self) -> Stop:
+        return Stop(self.stop_at_eos, self.eos_fill)
+
+    def unmask(self, **policies) -> Unmask:
+        """A masked-diffusion rule with these transforms and proposal, and `policies`."""
+        return Unmask(proposal=self.proposal, transforms=self.chain, **policies)
+
+
+DECODING_OPTIONS = tuple(field.name for field in dataclasses.fields(Decoding))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+    """A registered sampler: `build(decoding, **own options) -> step rule` and the defaults
+    of every option it takes, its own first, then `Decoding`'s."""
+
+    name: str
+    build: Callable[..., StepRule]
+    defaults: dict
+
+    def sampler(self, **overrides) -> Sampler:
+        values = {**self.defaults, **overrides}
+        decoding = Decoding(**{name: values.pop(name) for name in DECODING_OPTIONS})
+        return Sampler(self.name, self.build(decoding, **values), decoding.stop)
+
+
+SAMPLERS: Registry[Recipe] = Registry("sampler")
+
+
+def recipe(name: str, build: Callable[..., StepRule] | None = None, **defaults):
+    """Registers `build(decoding, **options) -> step rule` as the sampler `name`, with
+    `defaults` replacing those of its own options or of `Decoding`'s; without `build`, a
+    decorator (returning the function unchanged, so recipes can call each other)."""
+    def add(build):
+        own = list(inspect.signature(build).parameters.values())[1:]
+        values = {p.name: p.default for p in own}
+        values.update({field.name: field.default for field in dataclasses.fields(Decoding)})
+        unknown = sorted(set(defaults) - set(values))
+        if unknown:
+            raise TypeError(f"recipe {name!r}: no option {', '.join(unknown)}")
+        SAMPLERS.register(name, Recipe(name, build, {**values, **defaults}))
+        return build
+
+    return add if build is None else add(build)
 
 
 def _check_positive(name: str, value, allow_none: bool = True) -> None:
@@ -30,16 +120,9 @@ def _check_positive(name: str, value, allow_none: bool = True) -> None:
                          (" or None" if allow_none else ""))
 
 
-def _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos):
-    categorical.resolve_dtype(gumbel_dtype)  # validates
-    return (transforms.standard(temperature, top_k, top_p, suppress_eos),
-            categorical.proposal_for(temperature, gumbel_dtype))
-
-
-def mdlm(steps: int | None = None, eps: float = 1e-5, noise_removal: bool = True,
-         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-         gumbel_dtype: str | None = None, stop_at_eos: bool = False, eos_fill: str = "eos",
-         suppress_eos: bool = False, cache_logits: bool = False) -> Sampler:
+@recipe("mdlm")
+def mdlm(decoding: Decoding, steps: int | None = None, eps: float = 1e-5,
+         noise_removal: bool = True, cache_logits: bool = False) -> Unmask:
     """MDLM's ancestral sampler: `steps` reverse steps on a uniform time grid from 1 to eps
     (None: one per position), each revealing a masked position with probability
     (alpha_s - alpha_t) / (1 - alpha_t) and drawing its token from p(x_0 | x_t); then, with
@@ -51,61 +134,53 @@ def mdlm(steps: int | None = None, eps: float = 1e-5, noise_removal: bool = True
     _check_positive("steps", steps)
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"eps={eps} must lie in [0, 1)")
-    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
-    rule = Unmask(select=select.Reveal(), proposal=proposal, transforms=chain, steps=steps,
-                  time=times.GridTime(eps if noise_removal else 0.0),
-                  final_greedy=noise_removal, cache_logits=cache_logits)
-    return Sampler("mdlm", rule, Stop(stop_at_eos, eos_fill))
+    return decoding.unmask(select=select.Reveal(), steps=steps,
+                           time=times.GridTime(eps if noise_removal else 0.0),
+                           final_greedy=noise_removal, cache_logits=cache_logits)
 
 
-def first_hitting(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  gumbel_dtype: str | None = None, stop_at_eos: bool = False,
-                  eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
+recipe("ddpm_cache", mdlm, cache_logits=True)
+
+
+@recipe("first_hitting")
+def first_hitting(decoding: Decoding) -> Unmask:
     """First-hitting sampler (Zheng et al., 2024): one uniformly chosen masked position per
     network call, at the exact time it is revealed; L calls for L masks."""
-    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
-    rule = Unmask(select=select.FixedCount(1), score=scores.Random(), proposal=proposal,
-                  transforms=chain, time=times.FirstHitting())
-    return Sampler("first_hitting", rule, Stop(stop_at_eos, eos_fill))
+    return decoding.unmask(select=select.FixedCount(1), score=scores.Random(),
+                           time=times.FirstHitting())
 
 
-def llada(steps: int | None = None, block_length: int | None = 32,
-          remasking: str = "low_confidence", temperature: float = 0.0, top_k: int = 0,
-          top_p: float = 1.0, gumbel_dtype: str | None = None, stop_at_eos: bool = False,
-          eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
+LLADA_REMASKING = ("low_confidence", "random")
+
+
+@recipe("llada", temperature=0.0)
+def llada(decoding: Decoding, steps: int | None = None, block_length: int | None = 32,
+          remasking: str = "low_confidence") -> Unmask:
     """LLaDA: semi-autoregressive blocks of `block_length` (None: one block), `steps` (None:
     one per position) shared evenly between them; each step commits a fixed share of the
     block's masks, the most confident ('low_confidence' remasking) or random ones."""
     _check_positive("steps", steps)
     _check_positive("block_length", block_length)
-    choices = {"low_confidence": scores.Probability(), "random": scores.Random()}
-    if remasking not in choices:
-        raise ValueError(f"remasking={remasking!r}; allowed: {', '.join(choices)}")
-    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
-    rule = Unmask(select=select.ScheduledCount("linear"), score=choices[remasking],
-                  proposal=proposal, transforms=chain, steps=steps, block_length=block_length)
-    return Sampler("llada", rule, Stop(stop_at_eos, eos_fill))
+    score = scores.by_name(remasking, LLADA_REMASKING, option="remasking")
+    return decoding.unmask(select=select.ScheduledCount("linear"), score=score, steps=steps,
+                           block_length=block_length)
 
 
-def dream(steps: int | None = None, alg: str = "entropy", temperature: float = 0.2,
-          top_k: int = 0, top_p: float = 0.95, block_length: int | None = None,
-          gumbel_dtype: str | None = None, stop_at_eos: bool = False, eos_fill: str = "eos",
-          suppress_eos: bool = False) -> Sampler:
+@recipe("dream", temperature=0.2, top_p=0.95)
+def dream(decoding: Decoding, steps: int | None = None, alg: str = "entropy",
+          block_length: int | None = None) -> Unmask:
     """Dream: each of `steps` steps commits masked positions / steps left, ordered by
     `alg`: 'entropy' (lowest entropy first), 'margin' (top-1 minus top-2 probability),
     'confidence' or 'random'."""
     _check_positive("steps", steps)
     _check_positive("block_length", block_length)
-    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
-    rule = Unmask(select=select.ScheduledCount("linear"), score=scores.by_name(alg),
-                  proposal=proposal, transforms=chain, steps=steps, block_length=block_length)
-    return Sampler("dream", rule, Stop(stop_at_eos, eos_fill))
+    return decoding.unmask(select=select.ScheduledCount("linear"), score=scores.by_name(alg),
+                           steps=steps, block_length=block_length)
 
 
-def fast_dllm(threshold: float = 0.9, factor: float | None = None,
-              block_length: int | None = None, temperature: float = 0.0, top_k: int = 0,
-              top_p: float = 1.0, gumbel_dtype: str | None = None, stop_at_eos: bool = False,
-              eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
+@recipe("fast_dllm", temperature=0.0)
+def fast_dllm(decoding: Decoding, threshold: float = 0.9, factor: float | None = None,
+              block_length: int | None = None) -> Unmask:
     """Fast-dLLM parallel decoding: commit every masked position whose confidence exceeds
     `threshold` (and always the most confident one), or with `factor` the factor rule;
     optionally within semi-autoregressive blocks."""
@@ -114,56 +189,24 @@ def fast_dllm(threshold: float = 0.9, factor: float | None = None,
     if factor is not None and factor <= 0:
         raise ValueError(f"factor={factor} must be > 0 (or None for the threshold rule)")
     _check_positive("block_length", block_length)
-    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
     rule_select = select.Threshold(threshold) if factor is None else select.Factor(factor)
-    rule = Unmask(select=rule_select, score=scores.Probability(), proposal=proposal,
-                  transforms=chain, block_length=block_length)
-    return Sampler("fast_dllm", rule, Stop(stop_at_eos, eos_fill))
+    return decoding.unmask(select=rule_select, score=scores.Probability(),
+                           block_length=block_length)
 
 
-def ar(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-       gumbel_dtype: str | None = None, stop_at_eos: bool = False, eos_fill: str = "eos",
-       suppress_eos: bool = False) -> Sampler:
+@recipe("ar")
+def ar(decoding: Decoding) -> NextToken:
     """Autoregressive decoding with the KV cache: ancestral at temperature 1, greedy at 0."""
-    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
-    return Sampler("ar", NextToken(proposal=proposal, transforms=chain),
-                   Stop(stop_at_eos, eos_fill))
-
-
-def edlm(num_candidates: int = 4, window_low: float = 0.0, window_high: float = 1.0,
-         energy_temperature: float = 1.0, steps: int | None = None, eps: float = 1e-5,
-         noise_removal: bool = True, temperature: float = 1.0, top_k: int = 0,
-         top_p: float = 1.0, gumbel_dtype: str | None = None, stop_at_eos: bool = False,
-         eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
-    """EDLM (Xu et al., 2024): MDLM's ancestral sampler (the options after
-    `energy_temperature` are `mdlm`'s) whose steps with window_low <= t <= window_high draw
-    `num_candidates` full sequences from the denoiser, resample one with probability
-    proportional to exp(-E / energy_temperature) under the network's energy (EDLM-AR or
-    EDLM-NCE) and reveal positions towards it. num_candidates=1 is `mdlm` exactly."""
-    _check_positive("num_candidates", num_candidates, allow_none=False)
-    if not 0.0 <= window_low <= window_high <= 1.0:
-        raise ValueError(f"window_low={window_low}, window_high={window_high}: need "
-                         "0 <= window_low <= window_high <= 1")
-    if not energy_temperature > 0:
-        raise ValueError(f"energy_temperature={energy_temperature} must be > 0")
-    base = mdlm(steps=steps, eps=eps, noise_removal=noise_removal, temperature=temperature,
-                top_k=top_k, top_p=top_p, gumbel_dtype=gumbel_dtype, stop_at_eos=stop_at_eos,
-                eos_fill=eos_fill, suppress_eos=suppress_eos)
-    rule = ImportanceUnmask(base.rule, num_candidates=num_candidates,
-                            window=(float(window_low), float(window_high)),
-                            energy_temperature=float(energy_temperature),
-                            gumbel_dtype=gumbel_dtype)
-    return Sampler("edlm", rule, base.stop)
+    return NextToken(proposal=decoding.proposal, transforms=decoding.chain)
 
 
 BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")
 
 
-def bd3lm(block_size: int | None = None, policy: str = "first_hitting",
+@recipe("bd3lm")
+def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "first_hitting",
           steps: int | None = None, threshold: float = 0.9, kv_cache: bool = True,
-          window: int | None = None, temperature: float = 1.0, top_k: int = 0,
-          top_p: float = 1.0, gumbel_dtype: str | None = None, stop_at_eos: bool = False,
-          eos_fill: str = "eos", suppress_eos: bool = False) -> Sampler:
+          window: int | None = None) -> BlockUnmask:
     """BD3-LM block diffusion (Arriola et al., 2025), for networks trained with blocks: blocks
     of `block_size` (None: the network's; it must equal it) generated left to right, each
     denoised by `policy` given the committed blocks before it:
@@ -196,62 +239,74 @@ def bd3lm(block_size: int | None = None, policy: str = "first_hitting",
                          "policy='mdlm' or 'fixed_count' for a step count")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold={threshold} must lie in (0, 1]")
-    chain, proposal = _common(temperature, top_k, top_p, gumbel_dtype, suppress_eos)
     if policy == "first_hitting":
-        inner = Unmask(select=select.FixedCount(1), score=scores.Random(), proposal=proposal,
-                       transforms=chain, time=times.FirstHitting())
+        inner = first_hitting(decoding)
     elif policy == "mdlm":
-        inner = Unmask(select=select.Reveal(), proposal=proposal, transforms=chain,
-                       steps=steps, time=times.GridTime(), final_greedy=True)
+        inner = decoding.unmask(select=select.Reveal(), steps=steps, time=times.GridTime(),
+                                final_greedy=True)
     elif policy == "fixed_count":
-        inner = Unmask(select=select.ScheduledCount("linear"), score=scores.Probability(),
-                       proposal=proposal, transforms=chain, steps=steps)
+        inner = decoding.unmask(select=select.ScheduledCount("linear"),
+                                score=scores.Probability(), steps=steps)
     else:
-        inner = Unmask(select=select.Threshold(threshold), score=scores.Probability(),
-                       proposal=proposal, transforms=chain)
-    rule = BlockUnmask(inner, block_size=block_size, kv_cache=bool(kv_cache), window=window)
-    return Sampler("bd3lm", rule, Stop(stop_at_eos, eos_fill))
+        inner = decoding.unmask(select=select.Threshold(threshold), score=scores.Probability())
+    return BlockUnmask(inner, block_size=block_size, kv_cache=bool(kv_cache), window=window)
 
 
-SAMPLERS = {
-    "mdlm": mdlm,
-    "ddpm_cache": functools.partial(mdlm, cache_logits=True),
-    "first_hitting": first_hitting,
-    "llada": llada,
-    "dream": dream,
-    "fast_dllm": fast_dllm,
-    "ar": ar,
-    "bd3lm": bd3lm,
-    "edlm": edlm,
-}
-# The recipes that need a causal network, and those that need a block diffusion network
-# (a BlockDenoiser); the others need a masked denoiser.
-AUTOREGRESSIVE = ("ar",)
-BLOCK = ("bd3lm",)
-# The recipes that need a denoiser with an energy (an EnergyDenoiser).
-ENERGY = ("edlm",)
+@recipe("edlm")
+def edlm(decoding: Decoding, num_candidates: int = 4, window_low: float = 0.0,
+         window_high: float = 1.0, energy_temperature: float = 1.0,
+         steps: int | None = None, eps: float = 1e-5,
+         noise_removal: bool = True) -> ImportanceUnmask:
+    """EDLM (Xu et al., 2024): MDLM's ancestral sampler (the options after
+    `energy_temperature` are `mdlm`'s) whose steps with window_low <= t <= window_high draw
+    `num_candidates` full sequences from the denoiser, resample one with probability
+    proportional to exp(-E / energy_temperature) under the network's energy (EDLM-AR or
+    EDLM-NCE) and reveal positions towards it. num_candidates=1 is `mdlm` exactly."""
+    _check_positive("num_candidates", num_candidates, allow_none=False)
+    if not 0.0 <= window_low <= window_high <= 1.0:
+        raise ValueError(f"window_low={window_low}, window_high={window_high}: need "
+                         "0 <= window_low <= window_high <= 1")
+    if not energy_temperature > 0:
+        raise ValueError(f"energy_temperature={energy_temperature} must be > 0")
+    return ImportanceUnmask(mdlm(decoding, steps=steps, eps=eps, noise_removal=noise_removal),
+                            num_candidates=num_candidates,
+                            window=(float(window_low), float(window_high)),
+                            energy_temperature=float(energy_temperature),
+                            gumbel_dtype=decoding.gumbel_dtype)
 
 
 def options(name: str) -> dict:
-    """{option: default} of the recipe called `name`."""
-    return {p.name: p.default for p in inspect.signature(_recipe(name)).parameters.values()}
+    """{option: default} of the sampler called `name`: its own options, then the shared
+    `Decoding` ones with its defaults."""
+    return dict(_recipe(name).defaults)
 
 
 def get_sampler(name: str, **overrides) -> Sampler:
-    """The recipe called `name` with `overrides` of its options.
+    """The sampler called `name` with `overrides` of its options.
 
     Raises ValueError for an unknown name or option (listing the known ones) or a bad value.
     """
-    recipe = _recipe(name)
-    allowed = options(name)
-    unknown = sorted(set(overrides) - set(allowed))
+    entry = _recipe(name)
+    unknown = sorted(set(overrides) - set(entry.defaults))
     if unknown:
         raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options: {', '.join(allowed)}")
-    return dataclasses.replace(recipe(**overrides), name=name)
+                         f"its options: {', '.join(entry.defaults)}")
+    return entry.sampler(**overrides)
 
 
-def _recipe(name: str):
+def samplers_for(kind: str) -> tuple[str, ...]:
+    """The names of the samplers that take networks of `kind` (`networks.NETWORK_KINDS`; any
+    other kind gets none)."""
+    return tuple(name for name in SAMPLERS if _network_kind(name) == kind)
+
+
+@functools.cache
+def _network_kind(name: str) -> str:
+    """The network kind of sampler `name`, built with its defaults."""
+    return get_sampler(name).rule.network_kind
+
+
+def _recipe(name: str) -> Recipe:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    return SAMPLERS.get(name)

@@ -53,10 +53,19 @@ class Random:
 
 SCORES = {"confidence": Probability, "margin": Margin, "entropy": NegEntropy,
           "random": Random}
+# Other names the papers use for them: LLaDA's remasking 'low_confidence' remasks the least
+# confident positions, i.e. commits the most confident ones first.
+ALIASES = {"low_confidence": "confidence"}
 
 
-def by_name(name: str):
-    """The score policy called `name` (one of SCORES)."""
-    if name not in SCORES:
-        raise ValueError(f"unknown score {name!r}; allowed: {', '.join(SCORES)}")
-    return SCORES[name]()
+def by_name(name: str, allowed: tuple[str, ...] | None = None, option: str | None = None):
+    """The score policy called `name`, a key of SCORES or ALIASES.
+
+    `allowed` (default: SCORES) restricts the names a caller takes; `option` is the option
+    the name came from, for the error message. Raises ValueError for another name.
+    """
+    allowed = tuple(SCORES) if allowed is None else allowed
+    if name not in allowed:
+        what = f"{option}={name!r}" if option else f"unknown score {name!r}"
+        raise ValueError(f"{what}; allowed: {', '.join(allowed)}")
+    return SCORES[ALIASES.get(name, name)]()

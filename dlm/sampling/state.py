@@ -29,6 +29,26 @@ class SamplerState:
     commit_step_BL: jax.Array  # int32 [B, L]: the step a token was committed at (-1: not)
     cache: Any = None  # the step rule's own carry: cached logits, a KV cache, ...
 
+    @classmethod
+    def start(cls, tokens_BL: jax.Array, known_BL: jax.Array, rng: jax.Array,
+              mask_id: int) -> SamplerState:
+        """The state before a rule's `init`: open positions (not `known_BL` [B, L]) hold the
+        mask id, t is 1 and nothing is committed yet."""
+        batch, length = tokens_BL.shape
+        known_BL = known_BL.astype(bool)
+        return cls(
+            tokens_BL=jnp.where(known_BL, tokens_BL, mask_id).astype(jnp.int32),
+            known_BL=known_BL,
+            t_B=jnp.ones((batch,), jnp.float32),
+            step=jnp.zeros((), jnp.int32),
+            nfe=jnp.zeros((), jnp.int32),
+            nfe_B=jnp.zeros((batch,), jnp.int32),
+            done_B=jnp.zeros((batch,), bool),
+            rng=rng,
+            confidence_BL=jnp.full((batch, length), jnp.nan, jnp.float32),
+            commit_step_BL=jnp.full((batch, length), -1, jnp.int32),
+        )
+
     def open_BL(self, mask_id: int) -> jax.Array:
         """bool [B, L]: positions still to generate."""
         return (self.tokens_BL == mask_id) & ~self.known_BL
@@ -41,25 +61,6 @@ class SamplerState:
             confidence_BL=jnp.where(commit_BL, confidence_BL, self.confidence_BL),
             commit_step_BL=jnp.where(commit_BL, self.step, self.commit_step_BL),
         )
-
-
-def initial_state(tokens_BL: jax.Array, known_BL: jax.Array, rng: jax.Array,
-                  mask_id: int) -> SamplerState:
-    """Open positions are set to the mask id; nothing is committed yet."""
-    batch, length = tokens_BL.shape
-    known_BL = known_BL.astype(bool)
-    return SamplerState(
-        tokens_BL=jnp.where(known_BL, tokens_BL, mask_id).astype(jnp.int32),
-        known_BL=known_BL,
-        t_B=jnp.ones((batch,), jnp.float32),
-        step=jnp.zeros((), jnp.int32),
-        nfe=jnp.zeros((), jnp.int32),
-        nfe_B=jnp.zeros((batch,), jnp.int32),
-        done_B=jnp.zeros((batch,), bool),
-        rng=rng,
-        confidence_BL=jnp.full((batch, length), jnp.nan, jnp.float32),
-        commit_step_BL=jnp.full((batch, length), -1, jnp.int32),
-    )
 
 
 @struct.dataclass

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from dlm.sampling import categorical, scores, select, transforms
-from dlm.sampling.networks import BlockDenoiser
 from dlm.sampling.state import SamplerState
 
 
@@ -52,6 +51,7 @@ class Unmask:
     final_greedy: bool = False
     cache_logits: bool = False
 
+    network_kind: ClassVar[str] = "denoiser"
     uses_prefix: ClassVar[bool] = False
 
     def schedule_steps(self, length: int) -> int:
@@ -65,12 +65,6 @@ class Unmask:
         return steps + int(self.final_greedy)
 
     def init(self, network, params, state: SamplerState, prefix_len: int) -> SamplerState:
-        if not hasattr(network, "apply_fn"):  # a Denoiser
-            hint = (" (sample a block diffusion network with the bd3lm sampler)"
-                    if isinstance(network, BlockDenoiser) else "")
-            raise ValueError("masked-diffusion samplers (mdlm, ddpm_cache, first_hitting, llada, "
-                             f"dream, fast_dllm) need a Denoiser, got a "
-                             f"{type(network).__name__}{hint}")
         if not self._caches(network):
             return state
         logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)

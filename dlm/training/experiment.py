@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import pathlib
 
 import flax
 import jax
@@ -15,31 +13,29 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from dlm import config_validation
+from dlm import parallel
 from dlm.data import pipeline, tokenizers
 from dlm.diffusion import process as process_lib
 from dlm.evaluation import likelihood
-from dlm.models import configs as model_configs
-from dlm.training import checkpoint as checkpoint_lib
-from dlm.training import mesh as mesh_lib
+from dlm.models import registry as model_registry
+from dlm.parallel import distributed
+from dlm.training import config_validation
 from dlm.training import optimizer as optimizer_lib
-from dlm.training import step as step_lib
 from dlm.training.state import TrainState
-
-CONFIG_FILE = "config.json"
-TOKENIZER_DIR = "tokenizer"
 
 
 @dataclasses.dataclass
 class Experiment:
-    """The data, tokenizer, network, process, mesh and optimizer of one run."""
+    """The data, tokenizer, network, process, mesh and optimizer of one run; `frozen` holds
+    the Flax modules of the process's frozen networks (`Process.frozen_networks`)."""
 
     config: ml_collections.ConfigDict
     corpus: pipeline.Corpus
     model: object  # flax.linen.Module
-    process: object  # dlm.diffusion.process.Process
+    process: process_lib.Process
     mesh: jax.sharding.Mesh
     tx: object  # optax.GradientTransformation
+    frozen: dict = dataclasses.field(default_factory=dict)
 
     @property
     def tokenizer(self) -> tokenizers.Tokenizer:
@@ -49,37 +45,45 @@ class Experiment:
     def nll_fn(self):
         """The jitted likelihood of one evaluation batch (built once: no recompiles)."""
         return likelihood.make_nll_fn(self.model, self.process, self.mesh,
-                                      global_batch=self.config.data.eval_batch_size)
+                                      global_batch=self.config.data.eval_batch_size,
+                                      frozen=self.frozen)
 
     def state_sharding(self):
         """How the train state lies on the mesh: replicated, or FSDP (`config.fsdp`)."""
         abstract = jax.eval_shape(self._create_state)
-        return mesh_lib.state_sharding(abstract, self.mesh, fsdp=self.config.fsdp)
+        return parallel.state_sharding(abstract, self.mesh, fsdp=self.config.fsdp)
 
     def init_state(self) -> TrainState:
         """The initial state laid out by `state_sharding` (parameter count logged)."""
         state = jax.jit(self._create_state, out_shardings=self.state_sharding())()
         logging.info("%s %s: %s parameters", self.config.model.name, self.config.model.size,
-                     f"{model_configs.param_count(state.params):,}")
+                     f"{model_registry.param_count(state.params):,}")
         return state
 
     def _create_state(self) -> TrainState:
         config = self.config
         rng = jax.random.PRNGKey(config.seed)
         init_rng, state_rng = jax.random.split(rng)
-        params = model_configs.init_params(self.model, config.data.seq_len, init_rng)
+        params = model_registry.init_params(self.model, config.data.seq_len, init_rng)
         return TrainState.create(params, self.tx, state_rng,
                                  use_ema=config.optimizer.ema_decay > 0,
-                                 process_state=process_lib.initial_state(self.process))
+                                 process_state=self.initial_process_state())
+
+    def initial_process_state(self, source_params=None):
+        """`process.init_state` with its frozen networks set to `source_params` (the
+        init_from run's weights, in that run's structure) or, when None, placeholders of
+        their structure. ValueError when the source does not fit a frozen network."""
+        return self.process.init_state(parallel.frozen_params(
+            self.process, self.frozen, int(self.config.data.seq_len), source_params))
 
     def search_process_state(self, params, state_sharding=None):
         """(process state, metrics) from the process's `search_state` on validation batches
         (`config.process.search_batches` of them, fixed noise), or None when the process has
         no search configured. `state_sharding` (the train state's) places the result."""
-        if not getattr(self.process, "searches", False):
+        if not self.process.searches:
             return None
         config = self.config
-        batches = [mesh_lib.global_batch(b, self.mesh) for b in pipeline.eval_batches(
+        batches = [parallel.global_batch(b, self.mesh) for b in pipeline.eval_batches(
             config.data, self.corpus, config.eval.split,
             num_batches=config.process.get("search_batches", 4))]
         rng = jax.random.PRNGKey(config.eval.seed)
@@ -99,24 +103,27 @@ class Experiment:
     def _search_fn(self):
         """Jitted `(params, batch, rng, argument) -> process.search_statistic` over the mesh."""
         def per_device(params, batch, rng, argument):
-            fn = step_lib.model_fn(self.model, params, train=False)
+            fn = parallel.model_fn(self.model, params, train=False)
             return self.process.search_statistic(
                 fn, batch, rng, num_examples=self.config.data.eval_batch_size, candidate=argument)
 
         return jax.jit(jax.shard_map(per_device, mesh=self.mesh,
-                                     in_specs=(P(), P(step_lib.DATA_AXIS), P(), P()),
-                                     out_specs=P(step_lib.DATA_AXIS)))
+                                     in_specs=(P(), P(parallel.DATA_AXIS), P(), P()),
+                                     out_specs=P(parallel.DATA_AXIS)))
 
 
 def build(config: ml_collections.ConfigDict) -> Experiment:
     """Validates `config` and builds the run's parts (prepares the dataset on first use)."""
     config_validation.validate(config)
-    corpus = pipeline.load_corpus(config.data)
+    corpus = distributed.main_process_first(lambda: pipeline.load_corpus(config.data),
+                                            "dlm_corpus_prepared")
     config = ml_collections.ConfigDict(config.to_dict())  # a copy we may annotate
     config.model.vocab_size = corpus.tokenizer.vocab_size
-    model = model_configs.build_model(config.model, corpus.tokenizer.vocab_size)
+    model = model_registry.build_model(config.model, corpus.tokenizer.vocab_size)
     process = process_lib.make_process(config, vocab_size=corpus.tokenizer.vocab_size)
-    mesh = mesh_lib.make_mesh()
+    frozen = parallel.frozen_modules(process, model, config.model,
+                                     corpus.tokenizer.vocab_size)
+    mesh = parallel.make_mesh()
     per_device = config.data.batch_size // max(jax.device_count(), 1)
     if per_device % config.optimizer.grad_accum_steps:
         raise ValueError(
@@ -124,37 +131,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
             f"devices gives {per_device} rows per device, not divisible by "
             f"config.optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
     tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
-    return Experiment(config, corpus, model, process, mesh, tx)
-
-
-def save_run_files(experiment: Experiment, workdir: pathlib.Path) -> None:
-    """Writes the config and tokenizer beside the checkpoints (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / CONFIG_FILE).write_text(experiment.config.to_json_best_effort(indent=2))
-    experiment.tokenizer.save(workdir / TOKENIZER_DIR)
-
-
-def load_weights(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh, *,
-                 step: int | None = None) -> tuple[dict, int]:
-    """(params, step): the weights of the run in `workdir` (its EMA when it kept one) in
-    that run's own structure, replicated over `mesh`; `step` defaults to the latest.
-
-    Raises FileNotFoundError when the workdir, its tokenizer or the checkpoint is missing.
-    """
-    workdir = pathlib.Path(workdir).expanduser().resolve()
-    config = load_config(workdir)
-    vocab_size = tokenizers.load_tokenizer(workdir / TOKENIZER_DIR).vocab_size
-    module = model_configs.build_model(config.model, vocab_size)
-    abstract = jax.eval_shape(functools.partial(
-        model_configs.init_params, module, int(config.data.seq_len)), jax.random.PRNGKey(0))
-    replicated = jax.sharding.NamedSharding(mesh, P())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    loaded, step = checkpoint_lib.restore_fields(
-        workdir, {"params": abstract, "ema_params": abstract}, step=step)
-    return (loaded["params"] if loaded["ema_params"] is None else loaded["ema_params"]), step
+    return Experiment(config, corpus, model, process, mesh, tx, frozen)
 
 
 def merge_params(target, source, *, source_name: str = "the source") -> tuple[dict, int]:
@@ -174,14 +151,3 @@ def merge_params(target, source, *, source_name: str = "the source") -> tuple[di
                          f"(its names: {sorted(source_flat)[:4]}...)")
     merged = {path: source_flat.get(path, value) for path, value in target_flat.items()}
     return flax.traverse_util.unflatten_dict(merged, sep="/"), len(shared)
-
-
-def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The config a run in `workdir` was trained with."""
-    path = pathlib.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a dlm training workdir?")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    if "vocab_size" in config.model:  # recorded for readers; the tokenizer decides it
-        del config.model["vocab_size"]
-    return config

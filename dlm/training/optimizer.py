@@ -8,6 +8,8 @@ import optax
 # apply_if_finite halts nothing by itself; the trainer stops the run after
 # `max_consecutive_nonfinite` skipped steps, well before this limit is reached.
 _NEVER_FORCE_UPDATE = 2**30
+# `optimizer.schedule`: what follows the warmup.
+SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

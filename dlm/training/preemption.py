@@ -23,7 +23,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dlm.training.step import DATA_AXIS
+from dlm.parallel import DATA_AXIS
 
 SIGTERM = "SIGTERM"
 TIME_BUDGET = "time budget"

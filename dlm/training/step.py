@@ -16,24 +16,11 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from dlm.diffusion import process as process_lib
+from dlm.parallel import DATA_AXIS, frozen_fns, model_fn
 from dlm.training.state import TrainState
 
-DATA_AXIS = "data"
 
-
-def model_fn(model, params, *, train: bool, dropout_rng: jax.Array | None = None):
-    """Binds a Flax network to `params`: returns `fn(tokens_BL, t_B, **options) -> logits_BLV`
-    (options: the Backbone's positions_BL, mask, output_len)."""
-    rngs = {"dropout": dropout_rng} if train else None
-
-    def fn(tokens_BL, t_B=None, **options):
-        return model.apply({"params": params}, tokens_BL, t_B, train=train, rngs=rngs, **options)
-
-    return fn
-
-
-def _per_device_grads(params, process_state, rng, batch: dict, *, model, process,
+def _per_device_grads(params, process_state, rng, batch: dict, *, model, process, frozen,
                       grad_accum_steps: int, num_examples: int):
     """Per device: gradients of the global mean loss, summed over the `data` axis.
 
@@ -46,7 +33,8 @@ def _per_device_grads(params, process_state, rng, batch: dict, *, model, process
         fn = model_fn(model, params, train=True,
                       dropout_rng=jax.random.fold_in(dropout_rng, micro_index))
         _, metrics = process.loss(fn, micro_batch, loss_rng, num_examples=num_examples,
-                                  state=process_state)
+                                  state=process_state,
+                                  frozen=frozen_fns(frozen, process_state))
         return metrics["loss_sum"], metrics
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
@@ -70,17 +58,19 @@ def _per_device_grads(params, process_state, rng, batch: dict, *, model, process
 
 
 def make_train_step(model, process, tx, mesh, *, ema_decay: float, grad_accum_steps: int,
-                    global_batch: int, state_sharding=None):
+                    global_batch: int, state_sharding=None, frozen=None):
     """Returns `step(state, batch) -> (state, metrics)`, jitted over `mesh`.
 
     `batch` holds global arrays sharded along `data` on their first axis (tokens,
     loss_mask, example_id). The gradients are computed per device under `shard_map`; the
     optimizer update runs on the state as it is laid out (`state_sharding`: replicated by
-    default, or FSDP-sharded, see `dlm.training.mesh.state_sharding`). The state is donated.
+    default, or FSDP-sharded, see `dlm.parallel.state_sharding`). `frozen` holds the Flax
+    modules of the process's frozen networks (`dlm.parallel.frozen_modules`), bound to the
+    params in the process state. The state is donated.
     """
     per_device = functools.partial(
-        _per_device_grads, model=model, process=process, grad_accum_steps=grad_accum_steps,
-        num_examples=global_batch)
+        _per_device_grads, model=model, process=process, frozen=frozen or {},
+        grad_accum_steps=grad_accum_steps, num_examples=global_batch)
     grads_fn = jax.shard_map(per_device, mesh=mesh,
                              in_specs=(P(), P(), P(), P(DATA_AXIS)), out_specs=(P(), P(), P()))
 
@@ -106,8 +96,8 @@ def make_train_step(model, process, tx, mesh, *, ema_decay: float, grad_accum_st
             "train/skipped": (~finite).astype(jnp.int32),
             "train/skipped_in_a_row": opt_state.notfinite_count,
         }
-        process_state = process_lib.next_state(process, state.process_state, params,
-                                               ema_params, state.step + 1)
+        process_state = process.next_state(state.process_state, params, ema_params,
+                                           state.step + 1)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=ema_params, process_state=process_state)
         return new_state, metrics

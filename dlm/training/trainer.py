@@ -10,19 +10,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from dlm import parallel
 from dlm.data import pipeline
-from dlm.diffusion import process as process_lib
 from dlm.evaluation import likelihood
-from dlm.training import checkpoint as checkpoint_lib
+from dlm.runs import checkpoint as checkpoint_lib
+from dlm.runs import loading
+from dlm.runs import workdir as workdir_lib
 from dlm.training import experiment as experiment_lib
-from dlm.training import mesh as mesh_lib
 from dlm.training import metrics as metrics_lib
 from dlm.training import optimizer as optimizer_lib
 from dlm.training import preemption
 from dlm.training.step import make_train_step
-
-# Where a process trained in rounds keeps each round's state: WORKDIR/rounds/<name>.
-ROUNDS_DIR = "rounds"
 
 
 class NonFiniteError(RuntimeError):
@@ -48,7 +46,7 @@ def evaluate_params(exp: experiment_lib.Experiment, params, *, split: str | None
         config.data, exp.corpus, split or config.eval.split,
         num_batches=config.eval.num_batches if num_batches is None else num_batches)
     return likelihood.evaluate(exp.nll_fn, params,
-                               (mesh_lib.global_batch(b, exp.mesh) for b in batches),
+                               (parallel.global_batch(b, exp.mesh) for b in batches),
                                seed=config.eval.seed, process_state=process_state)
 
 
@@ -56,7 +54,7 @@ def evaluate_workdir(workdir: str | pathlib.Path, split: str | None = None,
                      checkpoint_step: int | None = None,
                      num_batches: int | None = None) -> dict:
     """Returns the likelihood metrics of the run in `workdir` (plus `step` and `split`)."""
-    exp = experiment_lib.build(experiment_lib.load_config(workdir))
+    exp = experiment_lib.build(workdir_lib.load_config(workdir))
     state, step = checkpoint_lib.restore_from_workdir(
         workdir, checkpoint_lib.abstract_like(exp.init_state()), step=checkpoint_step)
     split = split or exp.config.eval.split
@@ -76,7 +74,7 @@ def _restore_or_init(exp, checkpointer, data_iterator):
         # another process (MDLM -> BD3-LM, EDLM-NCE, SDTT) whose optimizer, process state or
         # even network (EDLM's energy network) differs. Every parameter they share is copied;
         # the process state (a teacher, a frozen denoiser) is built from the source's weights.
-        source, step = experiment_lib.load_weights(exp.config.init_from, exp.mesh)
+        source, step = loading.load_weights(exp.config.init_from, exp.mesh)
         params, copied = experiment_lib.merge_params(
             state.params, source, source_name=f"init_from={exp.config.init_from}")
         logging.info("initialised %d parameter arrays from %s step %d", copied,
@@ -86,7 +84,7 @@ def _restore_or_init(exp, checkpointer, data_iterator):
         sharding = exp.state_sharding()
         params = jax.device_put(params, sharding.params, may_alias=False)
         ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
-        process_state = jax.device_put(process_lib.initial_state(exp.process, source),
+        process_state = jax.device_put(exp.initial_process_state(source),
                                        sharding.process_state, may_alias=False)
         state = state.replace(params=params, ema_params=ema, opt_state=exp.tx.init(params),
                               process_state=process_state)
@@ -106,7 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     workdir = pathlib.Path(workdir).expanduser().resolve()
     exp = experiment_lib.build(config)
     config = exp.config
-    experiment_lib.save_run_files(exp, workdir)
+    workdir_lib.save_run_files(config, exp.tokenizer, workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
     data_iterator = pipeline.train_iterator(config.data, exp.corpus, seed=config.seed)
     state = _restore_or_init(exp, checkpointer, data_iterator)
@@ -114,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                               ema_decay=config.optimizer.ema_decay,
                               grad_accum_steps=config.optimizer.grad_accum_steps,
                               global_batch=config.data.batch_size,
-                              state_sharding=exp.state_sharding())
+                              state_sharding=exp.state_sharding(), frozen=exp.frozen)
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.total_steps)
     writer = metrics_lib.MetricWriter(workdir)
     start = int(state.step)
@@ -124,7 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     try:
         stop.install(exp.mesh)
         for step in range(start + 1, config.total_steps + 1):
-            batch = mesh_lib.global_batch(next(data_iterator), exp.mesh)
+            batch = parallel.global_batch(next(data_iterator), exp.mesh)
             state, metrics = step_fn(state, batch)
             # Read the previous step's metrics, so the host never waits for this one.
             if pending is not None:
@@ -158,9 +156,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                 writer.write(step, last)
             if step % config.checkpoint_every == 0 or step == config.total_steps or stopped:
                 checkpointer.save(step, state, data_iterator)
-            round_name = process_lib.round_checkpoint_name(exp.process, step)
+            round_name = exp.process.round_checkpoint_name(step)
             if round_name is not None:
-                _keep_round(exp, workdir / ROUNDS_DIR / round_name, step, state)
+                _keep_round(exp, workdir / workdir_lib.ROUNDS_DIR / round_name, step, state)
             if stopped:
                 logging.warning("step %d: %s, checkpoint saved; stopping (run again to resume)",
                                 step, stopped)
@@ -179,7 +177,7 @@ def _keep_round(exp, directory: pathlib.Path, step: int, state) -> None:
     a run of its own: DIRECTORY/config.json, tokenizer/ and checkpoints/STEP, which evaluate
     and sample load like any workdir. Written synchronously (the next step donates `state`);
     a resumed run that finds the step already there leaves it."""
-    experiment_lib.save_run_files(exp, directory)
+    workdir_lib.save_run_files(exp.config, exp.tokenizer, directory)
     keeper = checkpoint_lib.Checkpointer(directory, keep=1, asynchronous=False)
     try:
         if step not in keeper.all_steps():

@@ -1,4 +1,5 @@
-"""The autoregressive step rule: one token per step through the network's KV cache.
+"""The autoregressive step rule (`NextToken`): one token per step through a causal
+network's KV cache.
 
 Before the loop the first P - 1 prompt tokens are prefilled into the cache (P >= 1: an AR
 sample needs at least one token to start from, e.g. BOS). Step i feeds the token at
@@ -26,6 +27,7 @@ class NextToken:
     proposal: Any = categorical.Categorical()
     transforms: tuple = ()
 
+    network_kind: ClassVar[str] = "causal"
     uses_prefix: ClassVar[bool] = True
 
     def max_steps(self, length: int, prefix_len: int) -> int:

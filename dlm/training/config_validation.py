@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import ml_collections
 
-_CHOICES = {
-    "data.name": ("tiny_shakespeare", "text_files", "text8_style", "text8", "lm1b", "openwebtext"),
-    "data.tokenizer": ("char", "gpt2", "bpe"),
-    "data.packing": ("wrap", "pad"),
-    "model.name": ("dit", "transformer", "energy"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("xla", "pallas"),
-    "process.name": ("mdlm", "bd3lm", "ar", "sdtt", "edlm_nce"),
-    "process.schedule": ("loglinear", "linear", "cosine", "polynomial"),
-    "optimizer.schedule": ("constant", "cosine"),
-}
-# The network each process needs (its attention mask is part of the network).
-_PROCESS_MODEL = {"mdlm": "dit", "bd3lm": "dit", "ar": "transformer", "sdtt": "dit",
-                  "edlm_nce": "energy"}
+from dlm.data import builders, packing, tokenizers
+from dlm.diffusion import process as process_lib
+from dlm.diffusion import schedules
+from dlm.models import registry as model_registry
+from dlm.training import optimizer as optimizer_lib
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Keys whose allowed values come from the registry (or table) that owns them; read on
+    each call, so a process or model registered after import (a test's toy) is allowed."""
+    return {
+        "data.name": tuple(builders.BUILDERS),
+        "data.tokenizer": tokenizers.TOKENIZER_KINDS,
+        "data.packing": tuple(packing.PACKERS),
+        "model.name": model_registry.MODELS.names(),
+        "model.dtype": model_registry.DTYPES,
+        "model.attention_impl": model_registry.ATTENTION_IMPLS,
+        "process.name": process_lib.PROCESSES.names(),
+        "process.schedule": schedules.SCHEDULES.names(),
+        "optimizer.schedule": optimizer_lib.SCHEDULES,
+    }
+
 
 _POSITIVE_INTS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints", "max_consecutive_nonfinite", "data.seq_len",
@@ -34,25 +42,28 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad key, its value and the allowed values."""
-    for key, allowed in _CHOICES.items():
+    """Raises ValueError naming the first bad key, its value and the allowed values.
+
+    The process's own keys are checked by its class (`Process.check_config`, then
+    `from_config` when the run is built); the model's by `validate_model_config`.
+    """
+    for key, allowed in _choices().items():
         value = _get(config, key)
         if value not in allowed:
             raise ValueError(f"config.{key}={value!r} is not one of {list(allowed)}")
+    process_class = process_lib.PROCESSES.get(config.process.name)
     for key in _POSITIVE_INTS:
         value = _get(config, key)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config.{key}={value!r} must be a positive integer")
     if config.data.seq_len < 2:
         raise ValueError(f"config.data.seq_len={config.data.seq_len} must be at least 2")
-    want = _PROCESS_MODEL[config.process.name]
-    if config.model.name != want:
+    if config.model.name not in process_class.models:
         raise ValueError(f"config.process.name={config.process.name!r} needs "
-                         f"config.model.name={want!r}, got {config.model.name!r}")
-    if config.process.name == "sdtt":
-        from dlm.diffusion import distill  # lazy: keeps config checks light
-
-        distill.check_config(config)
+                         f"config.model.name={process_class.models[0]!r}, got "
+                         f"{config.model.name!r}")
+    model_registry.validate_model_config(config.model)
+    process_class.check_config(config)
     accum = config.optimizer.grad_accum_steps
     if config.data.batch_size % accum:
         raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by "

@@ -7,7 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dlm.training.step import DATA_AXIS
+DATA_AXIS = "data"  # the mesh axis that batches (and FSDP shards) are split along
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:

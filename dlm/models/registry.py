@@ -1,4 +1,5 @@
-"""Named model sizes, config validation and model construction."""
+"""The model registry (`config.model.name`), named sizes, model-config checks and
+construction."""
 
 import math
 
@@ -8,9 +9,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from dlm.models.dit import DiT
-from dlm.models.energy import EnergyNet
+from dlm.models.energy_net import EnergyNet
 from dlm.models.masks import MaskSpec, as_mask_spec
 from dlm.models.transformer import Transformer
+from dlm.registry import Registry
 
 # hidden, layers, heads; micro is the CPU demo, the others follow MDLM.
 SIZES = {
@@ -19,17 +21,19 @@ SIZES = {
     "small": (768, 12, 12),
     "medium": (1024, 24, 16),
 }
-MODELS = {"dit": DiT, "transformer": Transformer, "energy": EnergyNet}
+# `config.model.name` -> (the Flax module class, its default `model.mask`).
+MODELS: Registry[tuple[type[nn.Module], str]] = Registry("config.model.name")
+MODELS.register("dit", (DiT, str(MaskSpec.full())))
+MODELS.register("transformer", (Transformer, str(MaskSpec.causal())))
+MODELS.register("energy", (EnergyNet, str(MaskSpec.full())))
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "pallas")
-_DEFAULT_MASKS = {"dit": str(MaskSpec.full()), "transformer": str(MaskSpec.causal()),
-                  "energy": str(MaskSpec.full())}
 
 
 def model_config(size: str = "small", name: str = "dit") -> ml_collections.ConfigDict:
-    """Returns the model ConfigDict for a named size; `name` is 'dit' or 'transformer'."""
+    """Returns the model ConfigDict for a named size and model (one of `MODELS`)."""
     _check_choice("model.size", size, SIZES)
-    _check_choice("model.name", name, MODELS)
+    _, default_mask = MODELS.get(name)
     hidden, layers, heads = SIZES[size]
     return ml_collections.ConfigDict({
         "name": name,
@@ -45,13 +49,13 @@ def model_config(size: str = "small", name: str = "dit") -> ml_collections.Confi
         "max_len": 1024,  # informational: RoPE needs no table
         "dtype": "float32",  # compute dtype; parameters and logits stay float32
         "attention_impl": "xla",
-        "mask": _DEFAULT_MASKS[name],
+        "mask": default_mask,
     })
 
 
 def validate_model_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the offending `model.*` key and its allowed values."""
-    _check_choice("model.name", config.name, MODELS)
+    MODELS.get(config.name)
     _check_choice("model.size", config.size, SIZES)
     _check_choice("model.dtype", config.dtype, DTYPES)
     _check_choice("model.attention_impl", config.attention_impl, ATTENTION_IMPLS)
@@ -77,12 +81,13 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
-    """Validates `config` and returns the Flax module (DiT or Transformer) it names."""
+    """The Flax module `config.name` names (one of `MODELS`), for a config that
+    `validate_model_config` accepts (ValueError naming the key otherwise)."""
     validate_model_config(config)
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-    frozen = ml_collections.FrozenConfigDict(config)
-    return MODELS[config.name](config=frozen, vocab_size=vocab_size)
+    module_class, _ = MODELS.get(config.name)
+    return module_class(config=ml_collections.FrozenConfigDict(config), vocab_size=vocab_size)
 
 
 def init_params(module: nn.Module, seq_len: int, rng: jax.Array):

@@ -1,22 +1,27 @@
-"""Drawing samples from a trained run and scoring them: the library behind experiments.sample.
+"""Sampling a trained run and scoring the samples: the library behind experiments.sample,
+the notebooks and the benchmarks.
 
-`sample_to_file` is the command line as a function; `print_samples` shows a few samples
-(the demo's last step); `draw` samples and scores an already loaded run.
+`sample` draws from a loaded run (through `dlm.sampling.draw`, the one way to draw) and
+scores the samples; `sample_to_file` is the command line as a function; `print_samples`
+shows a few (the demo's last step).
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-import time
 
 import jax
 import numpy as np
 
 from dlm import sampling
 from dlm.evaluation import generative
-from dlm.sampling import engine, loading, recipes
-from dlm.training import distributed
+from dlm.parallel import distributed
+from dlm.runs import loading
+from dlm.runs.workdir import RunFiles, read_run
+
+# The network kind of a denoiser corrected by an energy run (`--energy_workdir`).
+_WITH_ENERGY = "denoiser+energy"
 
 
 def make_sampler(name: str, steps: int | None = None, overrides: dict | None = None):
@@ -24,33 +29,36 @@ def make_sampler(name: str, steps: int | None = None, overrides: dict | None = N
     name or an option is unknown)."""
     overrides = dict(overrides or {})
     if steps is not None:
-        if "steps" not in recipes.options(name):
+        if "steps" not in sampling.options(name):
             raise ValueError(f"sampler {name!r} has no steps option; drop --steps")
         overrides["steps"] = steps
     return sampling.get_sampler(name, **overrides)
 
 
-def check_compatible(sampler, run: loading.RunFiles, judge: loading.RunFiles | None = None
-                     ) -> None:
-    """Raises ValueError when the sampler does not fit the run's network, or the judge is not
-    a causal model with the same tokenizer."""
-    if run.is_energy:
+def check_compatible(sampler, run: RunFiles, judge: RunFiles | None = None,
+                     energy: RunFiles | None = None) -> None:
+    """Raises ValueError when the sampler does not fit the run's network (with the energy of
+    `energy`, an AR or EDLM-NCE run, when given), or the judge is not a causal model with the
+    same tokenizer. Reads no weights."""
+    wants_energy = sampler.rule.network_kind == _WITH_ENERGY
+    if wants_energy and energy is None:
+        raise ValueError(f"sampler {sampler.name!r} needs --energy_workdir")
+    if energy is not None and not wants_energy:
+        raise ValueError("--energy_workdir is only for "
+                         f"{', '.join(sampling.samplers_for(_WITH_ENERGY))}")
+    if run.network_kind == "energy":
         raise ValueError(f"{run.workdir} is an EDLM energy run, not a sampler: pass it as "
                          "--energy_workdir with --sampler=edlm and --workdir=<its MDLM run>")
-    wants_ar = sampler.name in recipes.AUTOREGRESSIVE
-    wants_block = sampler.name in recipes.BLOCK
-    if wants_ar != run.is_autoregressive or wants_block != run.is_block:
-        if run.is_autoregressive:
-            kind, use = "an autoregressive", "ar"
-        elif run.is_block:
-            kind, use = "a block diffusion", ", ".join(recipes.BLOCK)
-        else:
-            kind, use = "a masked diffusion", "a diffusion sampler"
-        raise ValueError(f"sampler {sampler.name!r} cannot sample {kind} run ({run.workdir}); "
-                         f"use {use}")
-    if judge is None:
-        return
-    if not judge.is_autoregressive:
+    kind = run.network_kind
+    if energy is not None and kind == "denoiser":
+        kind = _WITH_ENERGY
+    sampling.check_network(sampler, kind, f"run ({run.workdir})")
+    if judge is not None:
+        _check_judge(run, judge)
+
+
+def _check_judge(run: RunFiles, judge: RunFiles) -> None:
+    if judge.network_kind != "causal":
         raise ValueError(f"the judge {judge.workdir} is not an autoregressive run")
     if judge.tokenizer_state() != run.tokenizer_state():
         raise ValueError(
@@ -59,7 +67,7 @@ def check_compatible(sampler, run: loading.RunFiles, judge: loading.RunFiles | N
             f"vocab {run.tokenizer.vocab_size}): its perplexity would be meaningless")
 
 
-def check_length(run: loading.RunFiles, length: int) -> None:
+def check_length(run: RunFiles, length: int) -> None:
     """Raises ValueError when a block diffusion run cannot sample `length` tokens (blocks
     are aligned to positions 0, b, 2b, ..., so b must divide it)."""
     block_size = run.block_size
@@ -68,10 +76,10 @@ def check_length(run: loading.RunFiles, length: int) -> None:
                          f"{block_size}")
 
 
-def prompt_tokens(run: loading.RunFiles, prompt: str, length: int) -> np.ndarray:
-    """int32 [P]: the encoded prompt (BOS alone for an AR run without one)."""
+def prompt_tokens(run: RunFiles, sampler, prompt: str, length: int) -> np.ndarray:
+    """int32 [P]: the encoded prompt (BOS alone for a sampler that needs a prefix, AR)."""
     tokens = run.tokenizer.encode(prompt) if prompt else np.zeros((0,), np.int32)
-    if run.is_autoregressive and tokens.size == 0:
+    if sampler.rule.uses_prefix and tokens.size == 0:
         tokens = np.array([run.tokenizer.bos_id], np.int32)
     if tokens.size > length:
         raise ValueError(f"the prompt is {tokens.size} tokens long, more than "
@@ -79,46 +87,37 @@ def prompt_tokens(run: loading.RunFiles, prompt: str, length: int) -> np.ndarray
     return tokens.astype(np.int32)
 
 
-def draw(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: str = "",
-         seed: int = 0, batch_size: int = 16, judge: loading.Run | None = None
-         ) -> tuple[list[dict], dict]:
+def sample(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: str = "",
+           seed: int = 0, batch_size: int = 16, judge: loading.Run | None = None
+           ) -> tuple[list[dict], dict]:
     """Samples and scores. Returns (one record per sample, the summary).
 
     Every batch has the same shape (the last is filled up and trimmed), so the sampler is
     compiled once; compilation is timed apart from sampling.
     """
-    check_compatible(sampler, run, judge)
-    prompt_ids = prompt_tokens(run, prompt, length)
+    if run.network is None:  # an energy run: check_compatible says so
+        check_compatible(sampler, run)
+    sampling.check_network(sampler, run.network.kind, f"run ({run.workdir})")
+    if judge is not None:
+        _check_judge(run, judge)
+    prompt_ids = prompt_tokens(run, sampler, prompt, length)
     batch_size = min(batch_size, num_samples)
-    tokens_BL, known_BL, prompt_len = engine.prefix_inputs(
-        prompt_ids, batch_size, length, run.network.vocab.mask_id)
-    prefix_len = engine.static_prefix(sampler, prompt_len)
-    sharding = loading.batch_sharding(run, batch_size)
-    known_host_BL = known_BL  # numpy: the device copy may be split over processes
-    tokens_BL, known_BL = (jax.device_put(x, sharding) for x in (tokens_BL, known_BL))
-    rng = jax.random.PRNGKey(seed)
-    start = time.perf_counter()
-    sample_fn = engine.compile_run(sampler, run.network, run.params, tokens_BL, known_BL, rng,
-                                   prefix_len)
-    compile_seconds = time.perf_counter() - start
-
-    outputs, seconds = [], []
-    for index in range(-(-num_samples // batch_size)):
-        start = time.perf_counter()
-        out = jax.block_until_ready(sample_fn(run.params, tokens_BL, known_BL,
-                                              jax.random.fold_in(rng, index)))
-        seconds.append(time.perf_counter() - start)
-        outputs.append(distributed.fetch(out))
-    tokens = np.concatenate([o.tokens_BL for o in outputs])[:num_samples]
-    nfe = np.concatenate([o.nfe_B for o in outputs])[:num_samples]
-    per_sample_seconds = np.repeat(np.array(seconds) / batch_size, batch_size)[:num_samples]
+    drawn = sampling.draw(sampler, run.network, run.params, jax.random.PRNGKey(seed),
+                          batch_size=batch_size, length=length, prompt=prompt_ids,
+                          num_batches=-(-num_samples // batch_size),
+                          sharding=loading.batch_sharding(run, batch_size),
+                          fetch=distributed.fetch)
+    tokens = drawn.output.tokens_BL[:num_samples]
+    nfe = drawn.output.nfe_B[:num_samples]
+    seconds = np.asarray(drawn.seconds)
+    per_sample_seconds = np.repeat(seconds / batch_size, batch_size)[:num_samples]
+    known_BL = drawn.known_BL
 
     tokenizer = run.tokenizer
-    stop = sampler.stop
     scored = generative.scored_mask(
         tokens, mask_id=run.network.vocab.mask_id, pad_id=tokenizer.pad_id,
-        end_id=tokenizer.eos_id if stop.at_eos else None, start_BL=~known_host_BL[:1])
-    generated = scored & ~known_host_BL[:1]
+        end_id=tokenizer.eos_id if sampler.stop.at_eos else None, start_BL=~known_BL[:1])
+    generated = scored & ~known_BL[:1]
     records = [{
         "text": tokenizer.decode(row[keep]),
         "tokens": row.tolist(),
@@ -133,7 +132,7 @@ def draw(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: st
         "num_samples": num_samples,
         "length": length,
         **generative.speed(int(generated.sum()), total_seconds, float(nfe.mean())),
-        "compile_seconds": compile_seconds,
+        "compile_seconds": drawn.compile_seconds,
         "entropy": float(np.mean([generative.unigram_entropy(row[keep])
                                   for row, keep in zip(tokens, generated)])),
     }
@@ -153,22 +152,22 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
     """The command line as a function: writes `out` (JSON lines), returns the summary."""
     # Every check that needs no weights comes before loading them.
     sampler = make_sampler(sampler_name, steps, overrides)
-    wants_energy = sampler.name in recipes.ENERGY
-    if wants_energy != bool(energy_workdir):
-        raise ValueError(f"sampler {sampler_name!r} needs --energy_workdir" if wants_energy
-                         else f"--energy_workdir is only for {', '.join(recipes.ENERGY)}")
-    files = loading.read_run(workdir)
-    judge_files = loading.read_run(judge_workdir) if judge_workdir else None
-    check_compatible(sampler, files, judge_files)
+    wants_energy = sampler.rule.network_kind == _WITH_ENERGY
+    if wants_energy and not energy_workdir:
+        raise ValueError(f"sampler {sampler_name!r} needs --energy_workdir")
+    files = read_run(workdir)
+    judge_files = read_run(judge_workdir) if judge_workdir else None
+    energy_files = read_run(energy_workdir) if energy_workdir else None
+    check_compatible(sampler, files, judge_files, energy_files)
     length = length or int(files.config.data.seq_len)
-    prompt_tokens(files, prompt, length)
+    prompt_tokens(files, sampler, prompt, length)
     check_length(files, length)
     run = loading.load_run(files, checkpoint_step, use_ema)
-    if energy_workdir:
-        run = loading.with_energy(run, loading.load_run(energy_workdir))
+    if energy_files is not None:
+        run = loading.with_energy(run, loading.load_run(energy_files))
     judge = loading.load_run(judge_files) if judge_files else None
-    records, summary = draw(run, sampler, num_samples=num_samples, length=length,
-                            prompt=prompt, seed=seed, batch_size=batch_size, judge=judge)
+    records, summary = sample(run, sampler, num_samples=num_samples, length=length,
+                              prompt=prompt, seed=seed, batch_size=batch_size, judge=judge)
     if distributed.is_main_process():  # every process drew the same samples
         path = pathlib.Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,8 +187,8 @@ def print_samples(workdir: str, sampler_name: str = "mdlm", num_samples: int = 3
     sampler = make_sampler(sampler_name, steps, overrides)
     run = loading.load_run(workdir, use_ema=use_ema)
     length = length or int(run.config.data.seq_len)
-    records, summary = draw(run, sampler, num_samples=num_samples, length=length,
-                            prompt=prompt, seed=seed, batch_size=num_samples)
+    records, summary = sample(run, sampler, num_samples=num_samples, length=length,
+                              prompt=prompt, seed=seed, batch_size=num_samples)
     print(f"{num_samples} samples ({sampler_name}, {length} tokens, "
           f"{summary['mean_nfe']:.0f} network calls each):")
     for i, record in enumerate(records):

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from dlm.sampling.networks import BlockDenoiser
 from dlm.sampling.state import SamplerState
 from dlm.sampling.unmask import Unmask
 
@@ -64,6 +63,7 @@ class BlockUnmask:
     kv_cache: bool = True
     window: int | None = None
 
+    network_kind: ClassVar[str] = "block"
     uses_prefix: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -81,11 +81,8 @@ class BlockUnmask:
             _check_window(self.window, self.block_size)
 
     def for_network(self, network) -> BlockUnmask:
-        """The rule with `block_size` set from `network` (a BlockDenoiser; ValueError if it is
-        not one, or if the sizes disagree)."""
-        if not isinstance(network, BlockDenoiser):
-            raise ValueError("the bd3lm sampler needs a BlockDenoiser (a network trained with "
-                             f"block diffusion), got a {type(network).__name__}")
+        """The rule with `block_size` set from `network` (a BlockDenoiser; ValueError if the
+        sizes disagree)."""
         if self.block_size is not None and self.block_size != network.block_size:
             raise ValueError(f"block_size={self.block_size}, but the network was trained with "
                              f"blocks of {network.block_size} (its attention mask is built "

@@ -169,3 +169,12 @@ def barrier(name: str, timeout_seconds: int = 7200) -> None:
         multihost_utils.sync_global_devices(name)
     else:
         client.wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)
+
+
+def main_process_first(fn, name: str):
+    """`fn()` on process 0, then, once it returned, on every other process: for work that
+    writes shared files the others then read (preparing a dataset). Returns fn's result."""
+    if jax.process_index() == 0:
+        result = fn()
+    barrier(name)
+    return result if jax.process_index() == 0 else fn()
