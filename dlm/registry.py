@@ -41,6 +41,10 @@ class Registry(Generic[T]):
 
         return add if entry is None else add(entry)
 
+    def unregister(self, name: str) -> None:
+        """Removes `name` (for tests that register an entry for their own duration)."""
+        self._entries.pop(name, None)
+
     def get(self, name: str) -> T:
         """The entry called `name`; ValueError naming the key and the allowed names."""
         if name not in self._entries:

@@ -4,7 +4,7 @@ Any config key can be overridden, e.g. `--config.total_steps=500 --config.data.s
 Re-running with the same workdir resumes from its latest checkpoint.
 
 Several processes (a TPU pod slice, a multi-node GPU job) run the same command; see
-`dlm.training.distributed` for --coordinator_address, --num_processes and --process_id.
+`dlm.parallel.distributed` for --coordinator_address, --num_processes and --process_id.
 On SIGTERM, or after --time_budget, every process finishes the current step, the
 checkpoint is saved and the command exits with status 75 (EXIT_RESUMABLE): run it again
 to resume. A finished run exits with 0.

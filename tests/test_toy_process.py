@@ -1,6 +1,8 @@
 """A process defined and registered in this file only (no library edit) trains, evaluates,
 samples and exports through the normal entry points: adding a process is its module, its
-config and its tests."""
+config and its tests. (A library process registers itself at import with
+`@process.PROCESSES.register(name)`; this one is registered for the module's tests only, so
+that the other tests see the built-in registry.)"""
 
 import dataclasses
 import json
@@ -20,7 +22,6 @@ from dlm.export import convert, exporter
 from dlm.training import config_validation, trainer
 
 
-@process.PROCESSES.register("toy_masked_ce")
 @dataclasses.dataclass(frozen=True)
 class MaskedCrossEntropy(process.Process):
     """Masked diffusion's corruption with an unweighted loss: the mean cross-entropy of the
@@ -65,8 +66,15 @@ def _config(data_dir, **overrides):
                                            **overrides})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    process.PROCESSES.register("toy_masked_ce", MaskedCrossEntropy)
+    yield
+    process.PROCESSES.unregister("toy_masked_ce")
+
+
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
+def toy_run(tmp_path_factory, registered):
     data_dir = tmp_path_factory.mktemp("tfds")
     workdir = tmp_path_factory.mktemp("runs") / "toy"
     final = trainer.train(_config(data_dir), workdir)

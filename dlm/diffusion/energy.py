@@ -3,22 +3,19 @@ factorised denoiser of a masked diffusion model.
 
     p(x_0 | x_t) = p_theta(x_0 | x_t) exp(-E(x_0, x_t, t)) / Z(x_t, t)
 
-Low energy means more likely. Two energies share one interface (`Energy`):
+Low energy means more likely. The energies the sampler uses (EDLM-AR's residual of an AR
+run, EDLM-NCE's trained `dlm.models.energy_net.EnergyNet`) and the importance sampler are in
+`dlm.sampling.importance`.
 
-- `ARResidualEnergy` (EDLM-AR): E = -log p_AR(x_0) + log p_theta(x_0 | x_t), both summed over
-  the positions masked in x_t (the others are carried over from x_t and are the same for
-  every candidate). Then p_theta exp(-E) is p_AR on those positions: no training, and Z = 1
-  up to the first position, which the AR model does not score (it keeps p_theta's).
-- `LearnedEnergy` (EDLM-NCE): a trained `dlm.models.energy_net.EnergyNet`.
-
-`EnergyNCE` is the process that trains the latter by noise-contrastive estimation: x_0 from
-the data is the positive, x_hat_0 ~ p_theta(. | x_t) from the frozen MDLM denoiser the
-negative, and the classifier with logit -E gives
+`EnergyNCE` is the process that trains the learned energy by noise-contrastive estimation:
+x_0 from the data is the positive, x_hat_0 ~ p_theta(. | x_t) from the frozen MDLM denoiser
+the negative, and the classifier with logit -E gives
 
     loss = softplus(E(x_0, x_t)) + softplus(-E(x_hat_0, x_t))   per example,
 
-which is 2 log 2 = log 4 while the energy cannot tell them apart. The frozen denoiser is the
-process state (`{"denoiser": params}`), copied from `config.init_from` at the start.
+which is 2 log 2 = log 4 while the energy cannot tell them apart. The frozen denoiser (one of
+`frozen_networks`, bound by the caller as `frozen["denoiser"]`) is the process state
+(`{"denoiser": params}`), copied from `config.init_from` at the start.
 
 Its `nll` is the paper's estimate: MDLM's continuous-time NELBO with the factorised term of
 the masked positions replaced by the joint one,
@@ -28,8 +25,6 @@ the masked positions replaced by the joint one,
 log Z estimated by log mean_k exp(-E(x_hat_k, x_t)) over `nll_negatives` draws from
 p_theta. By Jensen this under-estimates log Z on average, so the figure is an estimate, not
 a bound (with one draw it is the paper's -E(x_hat_0)).
-
-The importance sampler that uses an energy is `dlm.sampling.energy`.
 """
 
 from __future__ import annotations

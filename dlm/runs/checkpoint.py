@@ -121,6 +121,13 @@ def restore_fields(workdir, abstract_fields: dict, *, step: int | None = None
         restored = reader.restore(path, args=ocp.args.PyTreeRestore(
             item=present, restore_args=ocp.checkpoint_utils.construct_restore_args(present),
             partial_restore=True))
+    missing = [f"{k}.{jax.tree_util.keystr(path, simple=True, separator='.')}"
+               for k in present
+               for path, leaf in jax.tree_util.tree_leaves_with_path(restored.get(k))
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:  # a partial restore leaves what the checkpoint lacks abstract
+        raise ValueError(f"checkpoint {step} in {checkpointer.directory} lacks "
+                         f"{len(missing)} arrays of the expected structure: {missing[:6]}")
     return {k: restored.get(k) for k in abstract_fields}, step
 
 

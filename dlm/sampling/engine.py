@@ -23,6 +23,7 @@ import numpy as np
 from jax import lax
 
 from dlm.sampling import stop as stop_lib
+from dlm.sampling.networks import KIND_NAMES
 from dlm.sampling.state import SampleOutput, SamplerState
 
 
@@ -219,7 +220,6 @@ def check_network(sampler: Sampler, kind: str, what: str = "network") -> None:
     if needs == kind:
         return
     from dlm.sampling import recipes  # the recipes sit above the engine
-    from dlm.sampling.networks import KIND_NAMES
 
     fitting = recipes.samplers_for(kind)
     use = f"use {', '.join(fitting)}" if fitting else "no sampler takes it"

@@ -2,10 +2,6 @@
 KV cache of committed blocks, a causal LM with a KV cache, or a denoiser with an energy.
 
 Each class names its `kind` (one of NETWORK_KINDS); each step rule names the kind it needs
-# What each kind is called in messages (a run's or a network's).
-KIND_NAMES = {"denoiser": "masked diffusion", "block": "block diffusion",
-              "causal": "autoregressive", "denoiser+energy": "masked diffusion + energy",
-              "energy": "EDLM energy"}
 (`network_kind`), and `engine.check_network` compares the two. Samplers are jit-compiled with
 the network as a static argument, so every object here is a frozen dataclass that compares
 and hashes by value: rebuilding the same network for the same module reuses the compiled
@@ -25,6 +21,10 @@ from dlm.diffusion import schedules
 # What a sampler may need: a masked denoiser, a block diffusion denoiser, a causal LM, or a
 # masked denoiser corrected by an energy.
 NETWORK_KINDS = ("denoiser", "block", "causal", "denoiser+energy")
+# What each kind is called in messages (a run's or a network's).
+KIND_NAMES = {"denoiser": "masked diffusion", "block": "block diffusion",
+              "causal": "autoregressive", "denoiser+energy": "masked diffusion + energy",
+              "energy": "EDLM energy"}
 
 
 @dataclasses.dataclass(frozen=True)

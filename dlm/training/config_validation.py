@@ -7,7 +7,6 @@ import ml_collections
 from dlm.data import builders, packing, tokenizers
 from dlm.diffusion import process as process_lib
 from dlm.diffusion import schedules
-from dlm.models import registry as model_registry
 from dlm.training import optimizer as optimizer_lib
 
 
@@ -18,9 +17,6 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "data.name": tuple(builders.BUILDERS),
         "data.tokenizer": tokenizers.TOKENIZER_KINDS,
         "data.packing": tuple(packing.PACKERS),
-        "model.name": model_registry.MODELS.names(),
-        "model.dtype": model_registry.DTYPES,
-        "model.attention_impl": model_registry.ATTENTION_IMPLS,
         "process.name": process_lib.PROCESSES.names(),
         "process.schedule": schedules.SCHEDULES.names(),
         "optimizer.schedule": optimizer_lib.SCHEDULES,
@@ -45,7 +41,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad key, its value and the allowed values.
 
     The process's own keys are checked by its class (`Process.check_config`, then
-    `from_config` when the run is built); the model's by `validate_model_config`.
+    `from_config` when the run is built), the model's by their owner when the network is
+    built (`dlm.models.build_model`): each key is checked once, where it is used.
     """
     for key, allowed in _choices().items():
         value = _get(config, key)
@@ -62,7 +59,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.process.name={config.process.name!r} needs "
                          f"config.model.name={process_class.models[0]!r}, got "
                          f"{config.model.name!r}")
-    model_registry.validate_model_config(config.model)
     process_class.check_config(config)
     accum = config.optimizer.grad_accum_steps
     if config.data.batch_size % accum:

@@ -21,7 +21,7 @@ from dlm.models import registry as model_registry
 from dlm.parallel import distributed
 from dlm.training import config_validation
 from dlm.training import optimizer as optimizer_lib
-from dlm.training.state import TrainState
+from dlm.training.train_state import TrainState
 
 
 @dataclasses.dataclass

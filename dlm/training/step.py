@@ -17,7 +17,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from dlm.parallel import DATA_AXIS, frozen_fns, model_fn
-from dlm.training.state import TrainState
+from dlm.training.train_state import TrainState
 
 
 def _per_device_grads(params, process_state, rng, batch: dict, *, model, process, frozen,
