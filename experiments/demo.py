@@ -7,11 +7,12 @@ workdir (and, once trained, only scores and samples).
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from configs import mdlm
 from dlm import runs
 from dlm.training import trainer
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/dlm_demo", "Where the demo run lives.")
 _STEPS = flags.DEFINE_integer("steps", 500, "Training steps.")
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "experiments.demo")

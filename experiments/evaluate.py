@@ -7,10 +7,11 @@ processes like `experiments.train` (the same flags); process 0 prints.
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from dlm.parallel import distributed
 from dlm.training import trainer
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to score (default: config.eval.split).")
@@ -31,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "experiments.evaluate")

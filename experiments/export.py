@@ -13,11 +13,11 @@ tokenizer. The EMA weights are exported when the run kept them (as evaluation us
 """
 
 import json
-import sys
 
 from absl import app, flags
 
 from dlm.export import exporter
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to export.")
 _OUT = flags.DEFINE_string("out", None, "The folder to write.")
@@ -44,18 +44,15 @@ def main(argv):
         exporter.check_format(_FORMAT.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    try:
-        if _MDLM.value is not None:
-            out = exporter.import_mdlm(_MDLM.value, _OUT.value, heads=_HEADS.value)
-            summary = {"format": "safetensors", "out": str(out), "imported": "mdlm"}
-        else:
-            summary = exporter.export_workdir(
-                _WORKDIR.value, _OUT.value, _FORMAT.value, checkpoint_step=_STEP.value,
-                use_ema=_USE_EMA.value, verify=_VERIFY.value)
-    except (ValueError, FileNotFoundError) as e:  # bad input: its message says what is wrong
-        sys.exit(f"experiments.export: {e}")
+    if _MDLM.value is not None:
+        out = exporter.import_mdlm(_MDLM.value, _OUT.value, heads=_HEADS.value)
+        summary = {"format": "safetensors", "out": str(out), "imported": "mdlm"}
+    else:
+        summary = exporter.export_workdir(
+            _WORKDIR.value, _OUT.value, _FORMAT.value, checkpoint_step=_STEP.value,
+            use_ema=_USE_EMA.value, verify=_VERIFY.value)
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "experiments.export")

@@ -22,6 +22,7 @@ from absl import app, flags
 
 from dlm import runs, sampling
 from dlm.parallel import distributed
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to sample from.")
 _SAMPLER = flags.DEFINE_string("sampler", "mdlm", f"One of {', '.join(sampling.SAMPLERS)}.")
@@ -89,4 +90,4 @@ def main(parsed):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, "experiments.sample", flags_parser=parse_flags)

@@ -65,10 +65,12 @@ def evaluate_workdir(workdir: str | pathlib.Path, split: str | None = None,
 
 def _restore_or_init(exp, checkpointer, data_iterator):
     state = exp.init_state()
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        logging.info("resuming from %s/%d", checkpointer.directory, latest)
-        return checkpointer.restore(latest, checkpoint_lib.abstract_like(state), data_iterator)
+    # The newest intact checkpoint; newer damaged ones are named and moved aside.
+    restored, step = checkpointer.restore_latest(checkpoint_lib.abstract_like(state),
+                                                 data_iterator)
+    if restored is not None:
+        logging.info("resuming from %s/%d", checkpointer.directory, step)
+        return restored
     if exp.config.init_from:
         # The source's weights (its EMA when it kept one) in its own structure: it may be
         # another process (MDLM -> BD3-LM, EDLM-NCE, SDTT) whose optimizer, process state or
@@ -165,8 +167,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                 break
     finally:
         stop.uninstall()
-        checkpointer.close()
-        writer.close()
+        try:
+            checkpointer.close()  # raises CheckpointError when the last save failed
+        finally:
+            writer.close()
     if stopped:
         raise Preempted(step, stopped, last)
     return last
