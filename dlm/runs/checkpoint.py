@@ -267,13 +267,19 @@ def restore_from_workdir(workdir, abstract_state, *, step: int | None = None):
 def _read(checkpointer: Checkpointer, step: int, read):
     """`read()` of checkpoint `step` after checking its manifest; a failure to read an
     unverified step is a CheckpointError naming it (and the intact steps)."""
-    checkpointer.check(step)
+    problem = checkpointer.status(step)
+    if problem not in (None, "unverified"):
+        raise CheckpointError(checkpointer._damaged_message(step, problem))
+    if problem == "unverified":
+        logging.warning("checkpoint %d in %s has no manifest (saved before manifests, or the "
+                        "run stopped before writing it): reading it unverified", step,
+                        checkpointer.directory)
     try:
         return read()
     except CheckpointError:
         raise
     except Exception as error:
-        if checkpointer.status(step) != "unverified":
+        if problem != "unverified":
             raise  # verified files that do not read: not damage (e.g. another model's tree)
         raise CheckpointError(checkpointer._damaged_message(
             step, f"unreadable: {type(error).__name__}: {str(error)[:300]}")) from error
