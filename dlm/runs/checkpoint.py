@@ -154,10 +154,11 @@ class Checkpointer:
         return f"checkpoint {step} in {self.directory} is damaged ({problem}); {fix}"
 
     def restore_latest(self, abstract_state, data_iterator=None):
-        """(state, step) from the newest checkpoint that verifies and reads, or (None,
-        None) when there is none at all. Newer damaged steps are logged and moved to
-        WORKDIR/checkpoints_damaged/ (process 0), out of the rotation. Raises
-        CheckpointError listing each step and why when no checkpoint can be used."""
+        """(state, step) from the newest checkpoint that verifies (or, without a manifest,
+        reads), or (None, None) when there is none at all. Newer damaged steps are logged and
+        moved to WORKDIR/checkpoints_damaged/ (process 0), out of the rotation. Raises
+        CheckpointError listing each step and why when no checkpoint can be used; an intact
+        step that does not read (the config's model differs from the run's) raises as is."""
         problems = {}
         for step in sorted(self.all_steps(), reverse=True):
             problem = self.status(step)
@@ -168,7 +169,9 @@ class Checkpointer:
             if problem in (None, "unverified"):
                 try:
                     state = self.restore(step, abstract_state, data_iterator, verified=True)
-                except Exception as error:  # noqa: BLE001 (any reading failure: damaged)
+                except Exception as error:
+                    if problem is None:  # intact files that do not read (another model's
+                        raise  # tree): not damage, so nothing is skipped or moved
                     problem = f"unreadable: {type(error).__name__}: {str(error)[:300]}"
                 else:
                     self._move_damaged(problems)
