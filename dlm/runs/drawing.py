@@ -20,8 +20,9 @@ from dlm.parallel import distributed
 from dlm.runs import loading
 from dlm.runs.workdir import RunFiles, read_run
 
-# The network kind of a denoiser corrected by an energy run (`--energy_workdir`).
-_WITH_ENERGY = "denoiser+energy"
+# The network kind of a denoiser corrected by an energy run (`--energy_workdir`): the
+# EnergyDenoiser's, named once in dlm.sampling.networks.
+_WITH_ENERGY = sampling.EnergyDenoiser.kind
 
 
 def make_sampler(name: str, steps: int | None = None, overrides: dict | None = None):
