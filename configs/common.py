@@ -31,6 +31,13 @@ def base_config(process: str, model_name: str, size: str) -> ml_collections.Conf
         eval_batch_size=32,
         packing="wrap",  # wrap | pad
         separators=False,  # MDLM's BOS/EOS around documents and chunks
+        # Prompt/response data (data.name = task | jsonl | gsm8k; see dlm.data.sft):
+        task="",  # data.name='task': a dlm.data.tasks name (addition, word_problems, ...)
+        task_options={},  # its options, e.g. {'max_digits': 3}
+        task_seed=0,
+        task_examples=(20_000, 500, 500),  # train, validation, test
+        fill="eos",  # eos: LLaDA's trained-on EOS fill | pad: untrained, never attended
+        too_long="error",  # error | drop: examples longer than seq_len
     ))
 
     config.model = model_config(size, name=model_name)

@@ -9,6 +9,7 @@ stderr, `PROGRAM: message`, and exits with status 1; the traceback is logged at 
 
 from __future__ import annotations
 
+import ast
 import pathlib
 import sys
 
@@ -46,3 +47,30 @@ def run(main, program: str, **kwargs) -> None:
             sys.exit(f"{program}: {message}")
 
     app.run(guarded, **kwargs)
+
+
+SAMPLER_CONFIG_PREFIX = "--sampler_config."
+
+
+def parse_value(text: str):
+    """A flag value as a Python literal (int, float, bool, None) or else the string."""
+    lowered = {"true": "True", "false": "False", "none": "None"}.get(text.lower(), text)
+    try:
+        return ast.literal_eval(lowered)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_flags(argv: list[str]) -> tuple[list[str], dict]:
+    """absl parsing, with `--sampler_config.KEY=VALUE` taken out first; returns (the
+    remaining argv, {KEY: value})."""
+    overrides, rest = {}, []
+    for arg in argv:
+        if arg.startswith(SAMPLER_CONFIG_PREFIX):
+            key, sep, value = arg[len(SAMPLER_CONFIG_PREFIX):].partition("=")
+            if not sep or not key:
+                raise app.UsageError(f"expected {SAMPLER_CONFIG_PREFIX}KEY=VALUE, got {arg!r}")
+            overrides[key] = parse_value(value)
+        else:
+            rest.append(arg)
+    return flags.FLAGS(rest), overrides

@@ -15,7 +15,6 @@ An AR run without a prompt starts from the tokenizer's BOS. `--sampler=edlm` nee
 
 from __future__ import annotations
 
-import ast
 import json
 
 from absl import app, flags
@@ -47,33 +46,6 @@ _USE_EMA = flags.DEFINE_bool("use_ema", None,
 flags.mark_flags_as_required(["workdir", "out"])
 distributed.define_flags()
 
-SAMPLER_CONFIG_PREFIX = "--sampler_config."
-
-
-def parse_value(text: str):
-    """A flag value as a Python literal (int, float, bool, None) or else the string."""
-    lowered = {"true": "True", "false": "False", "none": "None"}.get(text.lower(), text)
-    try:
-        return ast.literal_eval(lowered)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_flags(argv: list[str]) -> tuple[list[str], dict]:
-    """absl parsing, with `--sampler_config.KEY=VALUE` taken out first; returns (the
-    remaining argv, {KEY: value})."""
-    overrides, rest = {}, []
-    for arg in argv:
-        if arg.startswith(SAMPLER_CONFIG_PREFIX):
-            key, sep, value = arg[len(SAMPLER_CONFIG_PREFIX):].partition("=")
-            if not sep or not key:
-                raise app.UsageError(f"expected {SAMPLER_CONFIG_PREFIX}KEY=VALUE, got {arg!r}")
-            overrides[key] = parse_value(value)
-        else:
-            rest.append(arg)
-    return flags.FLAGS(rest), overrides
-
-
 def main(parsed):
     argv, overrides = parsed
     if len(argv) > 1:
@@ -90,4 +62,4 @@ def main(parsed):
 
 
 if __name__ == "__main__":
-    cli.run(main, "experiments.sample", flags_parser=parse_flags)
+    cli.run(main, "experiments.sample", flags_parser=cli.parse_flags)

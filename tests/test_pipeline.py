@@ -47,7 +47,7 @@ def test_train_iterator_gives_shuffled_full_batches(corpus, data_config):
     batch = next(it)
     assert batch["tokens"].shape == (16, 64) and batch["tokens"].dtype == np.int32
     assert batch["loss_mask"].shape == (16, 64) and batch["loss_mask"].all()
-    source = pipeline.packed_sequences(data_config, corpus, "train")
+    source = pipeline.sequences(data_config, corpus, "train")
     rows = {tuple(source[i]["tokens"]) for i in range(len(source))}
     assert all(tuple(row) in rows for row in batch["tokens"])
     assert [tuple(r) for r in batch["tokens"]] != [tuple(source[i]["tokens"]) for i in range(16)]
@@ -56,7 +56,7 @@ def test_train_iterator_gives_shuffled_full_batches(corpus, data_config):
 def test_eval_batches_are_the_split_in_order(corpus, data_config):
     batches = list(pipeline.eval_batches(data_config, corpus, "validation", num_batches=3,
                                          process_index=0, process_count=1))
-    source = pipeline.packed_sequences(data_config, corpus, "validation")
+    source = pipeline.sequences(data_config, corpus, "validation")
     np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in batches]),
                                   np.stack([source[i]["tokens"] for i in range(24)]))
 

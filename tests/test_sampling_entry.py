@@ -12,7 +12,7 @@ from configs import ar as ar_config
 from configs import mdlm as mdlm_config
 from dlm import runs as runs_lib
 from dlm.data.tokenizers import CharTokenizer
-from experiments import sample
+from experiments import cli, sample  # noqa: F401  (sample defines the flags)
 
 SEQ_LEN = 16
 
@@ -87,7 +87,7 @@ def test_clear_errors(runs, tmp_path):
 
 
 def test_sampler_config_flags():
-    argv, overrides = sample.parse_flags([
+    argv, overrides = cli.parse_flags([
         "sample", "--workdir=w", "--out=o", "--sampler_config.threshold=0.8",
         "--sampler_config.stop_at_eos=true", "--sampler_config.block_length=None",
         "--sampler_config.remasking=random"])

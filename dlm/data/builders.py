@@ -39,6 +39,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from dlm.data import conditional
+
 MAX_RECORD_CHARS = 32768
 DEFAULT_DATA_DIR = "~/.cache/dlm/tensorflow_datasets"
 TEXT8_SPLIT_CHARS = (90_000_000, 5_000_000, 5_000_000)
@@ -477,6 +479,9 @@ BUILDERS = {
     "text8": Text8,
     "lm1b": LM1B,
     "openwebtext": OpenWebText,
+    "jsonl": conditional.PromptResponseFiles,
+    "gsm8k": conditional.GSM8K,
+    "task": conditional.GeneratedTask,
 }
 
 
@@ -487,17 +492,28 @@ def _absolute(path: str) -> pathlib.Path:
 def prepare_builder(data_config) -> tfds.core.DatasetBuilder:
     """Returns the prepared builder named by ``data.name`` (one of ``BUILDERS``).
 
-    Reads ``data.path`` (text_files, text8_style), ``data.manual_dir`` (text8, lm1b,
-    openwebtext: already-downloaded files) and ``data.data_dir`` (default
-    ``DEFAULT_DATA_DIR``). Preparing is idempotent: a prepared dataset is reused. A failed
-    preparation leaves no dataset behind (tfds writes to a temporary folder first).
+    Reads ``data.path`` (text_files, text8_style, jsonl), ``data.manual_dir`` (text8,
+    lm1b, openwebtext, gsm8k: already-downloaded files), ``data.task``,
+    ``data.task_options`` (default {}), ``data.task_seed`` (default 0) and
+    ``data.task_examples`` (train, validation, test counts; default
+    ``conditional.DEFAULT_TASK_EXAMPLES``) for task, and ``data.data_dir`` (default
+    ``DEFAULT_DATA_DIR``). Keys an older config lacks take their defaults. Preparing is
+    idempotent: a prepared dataset is reused. A failed preparation leaves no dataset
+    behind (tfds writes to a temporary folder first).
     """
     name = data_config.get("name")
     if name not in BUILDERS:
         raise ValueError(f"data.name must be one of {tuple(BUILDERS)}, got {name!r}")
     kwargs = {"data_dir": str(_absolute(data_config.get("data_dir") or DEFAULT_DATA_DIR))}
-    if issubclass(BUILDERS[name], _LocalCorpusBuilder):
+    if issubclass(BUILDERS[name], (_LocalCorpusBuilder, conditional.PromptResponseFiles)):
         kwargs["path"] = data_config.get("path")
+    if issubclass(BUILDERS[name], conditional.GeneratedTask):
+        kwargs.update(
+            task=data_config.get("task", ""),
+            task_options=data_config.get("task_options", None) or {},
+            task_seed=data_config.get("task_seed", 0),
+            task_examples=data_config.get("task_examples", None)
+            or conditional.DEFAULT_TASK_EXAMPLES)
     manual_dir = data_config.get("manual_dir") or None
     if manual_dir is not None:
         manual_dir = _absolute(manual_dir)

@@ -1,7 +1,9 @@
 """The input pipeline: tfds builder -> tokens (cached) -> packed sequences -> grain batches.
 
 Tokenizing a split happens once; the tokens are cached beside the tfds files and
-memory-mapped. Batching and sharding by process are in ``batching``.
+memory-mapped. Batching and sharding by process are in ``batching``. Prompt/response
+datasets (`dlm.data.conditional`) are tokenized on load instead (they are small) and laid
+out one example per sequence by `dlm.data.sft`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from dlm.data import batching, builders, packing, tokenizers
+from dlm.data import batching, builders, conditional, packing, sft, tokenizers
+from dlm.data.tasks import Example
 
 _TOKENIZE_CHUNK = 1024  # records per encode_batch call
 
@@ -32,6 +35,11 @@ class Corpus:
     @property
     def cache_dir(self) -> pathlib.Path:
         return pathlib.Path(str(self.builder.data_dir)) / "dlm_tokens"
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the dataset holds prompt/response examples (supervised fine-tuning)."""
+        return conditional.is_conditional(self.builder)
 
     def records(self, split: str):
         """Random-access records ``{'text': bytes, 'document': int}`` of a split."""
@@ -66,8 +74,21 @@ def load_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
 
 
 def _text(record) -> str:
+    """The text of a record, a prompt/response example's prompt and response joined."""
+    if "prompt" in record:
+        example = conditional.record_example(record)
+        return f"{example.prompt}\n{example.response}"
     text = record["text"]
     return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def examples(corpus: Corpus, split: str) -> list[Example]:
+    """The prompt/response examples of a split, in order (ValueError for unconditional data)."""
+    if not corpus.conditional:
+        raise ValueError(f"dataset {corpus.builder.name!r} holds text, not prompt/response "
+                         "examples; use data.name='task', 'jsonl' or 'gsm8k'")
+    records = corpus.records(split)
+    return [conditional.record_example(records[i]) for i in range(len(records))]
 
 
 def _atomic_dir(path: pathlib.Path, write) -> None:
@@ -122,9 +143,19 @@ def _write_tokens(corpus: Corpus, split: str, directory: pathlib.Path) -> None:
     np.save(directory / "doc_offsets.npy", doc_offsets)
 
 
-def packed_sequences(data_config: ml_collections.ConfigDict, corpus: Corpus, split: str):
-    """Returns a random-access packer over ``split`` following ``data.packing``."""
+def sequences(data_config: ml_collections.ConfigDict, corpus: Corpus, split: str):
+    """Returns the random-access sequences of ``split``: one per prompt/response example
+    (`sft.PromptResponseSequences`, ``data.fill`` and ``data.too_long``), else a packer
+    following ``data.packing``."""
     tok = corpus.tokenizer
+    if corpus.conditional:
+        split_examples = examples(corpus, split)
+        return sft.PromptResponseSequences(
+            tok.encode_batch([e.prompt for e in split_examples]),
+            tok.encode_batch([e.response for e in split_examples]),
+            data_config.seq_len, sft.Specials.of(tok), fill=data_config.get("fill", "eos"),
+            too_long=data_config.get("too_long", "error"),
+            what=f"split {split!r} of {corpus.builder.name}")
     return packing.make_packer(
         data_config.packing, tokenize_split(corpus, split), data_config.seq_len,
         packing.Specials(bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id),
@@ -136,10 +167,11 @@ def train_iterator(data_config: ml_collections.ConfigDict, corpus: Corpus, *, se
                    ) -> grain.DatasetIterator:
     """Endless, shuffled (a new order every epoch) iterator over this process's batches.
 
-    Yields dicts ``tokens`` int32 [B/P, L] and ``loss_mask`` float32 [B/P, L]. The iterator's
+    Yields dicts ``tokens`` int32 [B/P, L] and ``loss_mask`` float32 [B/P, L] (and, for
+    prompt/response data, ``prompt_mask`` and ``valid``: see `sft`). The iterator's
     ``get_state()`` is a small dict to store with a checkpoint; ``set_state`` resumes exactly.
     """
-    source = packed_sequences(data_config, corpus, "train")
+    source = sequences(data_config, corpus, "train")
     ds = batching.process_batches(
         source, data_config.batch_size, "data.batch_size", "train", shuffle_seed=seed % 2**32,
         repeat=True, process_index=process_index, process_count=process_count)
@@ -154,7 +186,7 @@ def eval_batches(data_config: ml_collections.ConfigDict, corpus: Corpus, split: 
     Evaluation data is never shuffled, so every run scores the same sequences; the tail
     that does not fill a whole batch is left out.
     """
-    source = packed_sequences(data_config, corpus, split)
+    source = sequences(data_config, corpus, split)
     ds = batching.process_batches(
         source, data_config.eval_batch_size, "data.eval_batch_size", split, repeat=False,
         process_index=process_index, process_count=process_count)

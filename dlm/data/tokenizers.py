@@ -57,6 +57,12 @@ class Tokenizer(abc.ABC):
     def pad_id(self) -> int:
         return self._pad
 
+    @property
+    def sep_id(self) -> int:
+        """The prompt/response separator (`dlm.data.sft`): BOS, whose only other place is
+        position 0, so it is unambiguous."""
+        return self._bos
+
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
         """Returns int32 [n] ids of ``text``; no BOS/EOS are added."""

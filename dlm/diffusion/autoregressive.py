@@ -5,6 +5,11 @@ position i predict token i + 1. The loss covers positions where both token i and
 are real (loss_mask = 1), so a full sequence of length L scores L - 1 tokens: the first token
 (the BOS in "wrap" packing) is never predicted, and the logits at the last position are unused.
 The mask token gets zero probability. No randomness is used and the time argument is None.
+
+Prompt/response data (supervised fine-tuning): the loss covers the response tokens (and
+their fill) only, each predicted from everything before it, the prompt included: a target
+i + 1 counts where loss_mask[i + 1] = 1 and token i is real (`valid`). Padding is never
+attended.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class Autoregressive(process.Process):
     models: ClassVar[tuple[str, ...]] = ("transformer",)
     network_kind: ClassVar[str] = "causal"
     exportable: ClassVar[bool] = True
+    conditional: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, config, vocab_size: int) -> Autoregressive:
@@ -44,13 +50,14 @@ class Autoregressive(process.Process):
     ) -> tuple[jax.Array, jax.Array]:
         """(nll_BL, target_mask_BL), float32 [B, L - 1]: -log p(token i+1 | tokens <= i)."""
         tokens_BL = batch["tokens"]
-        logits_BLV = model_fn(tokens_BL, None)
+        logits_BLV = model_fn(tokens_BL, None, **process.attention_options(batch))
         mask_id = logits_BLV.shape[-1] - 1 if self.mask_id is None else self.mask_id
         log_probs_BLV = jax.nn.log_softmax(process.exclude_token(logits_BLV[:, :-1], mask_id))
         targets_BL = tokens_BL[:, 1:]
         nll_BL = -jnp.take_along_axis(log_probs_BLV, targets_BL[..., None], axis=-1)[..., 0]
         loss_mask_BL = batch["loss_mask"].astype(jnp.float32)
-        target_mask_BL = loss_mask_BL[:, 1:] * loss_mask_BL[:, :-1]
+        input_mask_BL = batch.get("valid", loss_mask_BL).astype(jnp.float32)
+        target_mask_BL = loss_mask_BL[:, 1:] * input_mask_BL[:, :-1]
         # `where`, not a product: nll is +inf at padding that holds the mask id.
         return jnp.where(target_mask_BL > 0, nll_BL, 0.0), target_mask_BL
 

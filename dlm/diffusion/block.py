@@ -18,6 +18,13 @@ Clipped schedules (BD3-LM): training draws t ~ U[beta, omega] (never below t_min
 `search_state`: the interval among the configured widths with the lowest variance of the
 per-block NELBO estimate on validation batches. The reported NELBO (`nll`) always draws
 t ~ U[t_min, 1], the unclipped bound.
+
+Prompt/response data (supervised fine-tuning): the prompt sits clean in both streams (it is
+never masked in x_t) and scores nothing. Blocks stay at absolute positions 0, b, 2b, ..., so a
+prompt that ends inside a block leaves that block partly given: its prompt positions are
+clean context and its response positions are noised at the block's time t_j, exactly what the
+`bd3lm` sampler meets when it decodes that block with the prompt positions known. Padding is
+never attended, in either stream.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class BlockDiffusion(process.Process):
     models: ClassVar[tuple[str, ...]] = ("dit",)
     network_kind: ClassVar[str] = "block"
     exportable: ClassVar[bool] = True
+    conditional: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, config, vocab_size: int) -> BlockDiffusion:
@@ -132,12 +140,17 @@ class BlockDiffusion(process.Process):
         t_BN = self.sample_block_times(time_rng, example_id_B, num_examples,
                                        self.num_blocks(length), clip)
         t_BL = jnp.repeat(t_BN, self.block_size, axis=1)
-        xt_BL = masked.mask_tokens(tokens_BL, self.schedule.mask_prob(t_BL), mask_rng,
-                                   example_id_B, self.mask_id)
+        mask_prob_BL = self.schedule.mask_prob(t_BL)
+        given_BL = process.given_mask(batch)
+        if given_BL is not None:
+            mask_prob_BL = jnp.where(given_BL, 0.0, mask_prob_BL)
+        xt_BL = masked.mask_tokens(tokens_BL, mask_prob_BL, mask_rng, example_id_B,
+                                   self.mask_id)
         positions_L = jnp.arange(length)
         logits_BLV = model_fn(jnp.concatenate([xt_BL, tokens_BL], axis=1), None,
                               positions_BL=jnp.concatenate([positions_L, positions_L]),
-                              mask=MaskSpec.bd3lm(self.block_size), output_len=length)
+                              mask=MaskSpec.bd3lm(self.block_size), output_len=length,
+                              **process.attention_options(batch, copies=2))
         log_probs_BLV = masked.subs_log_probs(logits_BLV, xt_BL, self.mask_id)
         log_p_BL = jnp.take_along_axis(log_probs_BLV, tokens_BL[..., None], axis=-1)[..., 0]
         loss_BL = -self.schedule.loss_weight(t_BL) * log_p_BL

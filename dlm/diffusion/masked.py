@@ -17,8 +17,12 @@ t < t_min is O(t_min) nats per token (zero in the T-step bound, since alpha(0) =
 term is zero when alpha(1) = eps = 0; for eps > 0 a token is clean at t = 1 with probability
 eps, which the all-masked prior cannot explain, so the bound is exact only up to O(eps).
 
-Padding positions are corrupted like any other (the network's inputs do not depend on where
-padding is) and excluded from the loss by loss_mask.
+Padding positions are corrupted like any other and excluded from the loss by loss_mask.
+
+Prompt/response data (supervised fine-tuning, `dlm.data.sft`): the prompt (`prompt_mask`) is
+never masked, so it conditions every prediction, and scores nothing; the loss is the same
+weighted NELBO over the response positions (and their fill: LLaDA's trained-on EOS tokens),
+averaged over those tokens. Padding (`valid` = 0) is never attended.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class MaskedDiffusion(process.Process):
     models: ClassVar[tuple[str, ...]] = ("dit",)
     network_kind: ClassVar[str] = "denoiser"
     exportable: ClassVar[bool] = True
+    conditional: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, config, vocab_size: int) -> MaskedDiffusion:
@@ -107,12 +112,16 @@ class MaskedDiffusion(process.Process):
         t_B: jax.Array,
         rng: jax.Array,
         example_id_B: jax.Array | None = None,
+        given_BL: jax.Array | None = None,
     ) -> jax.Array:
-        """x_t: int32 [B, L], each token replaced by mask_id with probability 1 - alpha(t).
+        """x_t: int32 [B, L], each token replaced by mask_id with probability 1 - alpha(t),
+        except where `given_BL` (bool [B, L], the prompt) is True.
 
         Example b draws from fold_in(rng, example_id_B[b]) (default example_id_B: 0..B-1).
         """
         mask_prob_BL = jnp.broadcast_to(self.schedule.mask_prob(t_B)[:, None], tokens_BL.shape)
+        if given_BL is not None:
+            mask_prob_BL = jnp.where(given_BL, 0.0, mask_prob_BL)
         return mask_tokens(tokens_BL, mask_prob_BL, rng, example_id_B, self.mask_id)
 
     def subs_log_probs(self, logits_BLV: jax.Array, xt_BL: jax.Array) -> jax.Array:
@@ -135,7 +144,8 @@ class MaskedDiffusion(process.Process):
         example_id_B = batch["example_id"]
         time_rng, mask_rng = jax.random.split(rng)
         t_B = self.sample_times(time_rng, example_id_B, num_examples)
-        return t_B, self.corrupt(batch["tokens"], t_B, mask_rng, example_id_B)
+        return t_B, self.corrupt(batch["tokens"], t_B, mask_rng, example_id_B,
+                                 process.given_mask(batch))
 
     def token_losses(
         self, model_fn: process.ModelFn, batch: process.Batch, rng: jax.Array, num_examples: int
@@ -143,7 +153,8 @@ class MaskedDiffusion(process.Process):
         """float32 [B, L]: per-token NELBO estimates; 0 at unmasked and padding positions."""
         tokens_BL = batch["tokens"]
         t_B, xt_BL = self.noised(batch, rng, num_examples)
-        log_probs_BLV = self.subs_log_probs(model_fn(xt_BL, t_B), xt_BL)
+        logits_BLV = model_fn(xt_BL, t_B, **process.attention_options(batch))
+        log_probs_BLV = self.subs_log_probs(logits_BLV, xt_BL)
         log_p_BL = jnp.take_along_axis(log_probs_BLV, tokens_BL[..., None], axis=-1)[..., 0]
         loss_BL = -self.time_weight(t_B)[:, None] * log_p_BL
         # `where`, not a product: log_p is -inf at padding that holds the mask id.

@@ -26,9 +26,18 @@ The registry is filled when `dlm.diffusion` is imported (its `__init__` imports 
 built-in process module); a process defined elsewhere registers itself on import the same way.
 
 Batch layout (a dict):
-  tokens      int32 [B, L]
-  loss_mask   float32 [B, L]   1 for real tokens, 0 for padding
-  example_id  int32 [B]        the example's index within the GLOBAL batch
+  tokens       int32 [B, L]
+  loss_mask    float32 [B, L]  1 where the loss counts: real tokens of unconditional data;
+                               the response and its fill of prompt/response data
+  example_id   int32 [B]       the example's index within the GLOBAL batch
+  prompt_mask  float32 [B, L]  prompt/response data only (`dlm.data.sft`): 1 on the
+                               conditioning positions (BOS prompt SEP), which are never
+                               corrupted and never scored
+  valid        float32 [B, L]  prompt/response data only: 0 on padding, which no query
+                               attends to (pass `attention_options(batch)` to the network)
+
+A process that reads `prompt_mask` and `valid` sets `conditional = True`; the trainer refuses
+prompt/response data for any other.
 
 All randomness is per example (keys from `example_keys`, times from
 `schedules.stratified_uniform`), so a global batch gives the same numbers whether it runs on
@@ -48,7 +57,8 @@ from dlm.registry import Registry
 # (tokens_BL int32, t_B float32 | None, **options) -> logits_BLV float32 over the full
 # vocabulary, including the mask id (mask_id = V - 1). Options (all optional): positions_BL
 # (RoPE positions), mask (a MaskSpec overriding the network's), output_len (logits for the
-# first positions only); an energy network (EDLM) takes xt_BL and returns E_B instead.
+# first positions only), kv_valid_BL (bool [B, L]: False at keys no query may attend to);
+# an energy network (EDLM) takes xt_BL and returns E_B instead.
 ModelFn = Callable[..., jax.Array]
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -78,6 +88,9 @@ class Process:
     network_kind: ClassVar[str] = ""
     # Whether `dlm.export` may write its network for PyTorch users.
     exportable: ClassVar[bool] = False
+    # Whether it trains on prompt/response data: reads the batch's `prompt_mask` (never
+    # corrupted, never scored) and `valid` (padding never attended).
+    conditional: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config, vocab_size: int) -> Process:
@@ -168,6 +181,22 @@ PROCESSES: Registry[type[Process]] = Registry("config.process.name")
 def example_keys(rng: jax.Array, example_id_B: jax.Array) -> jax.Array:
     """One key per example, fold_in(rng, example_id); shape [B] (typed) or [B, 2] (raw)."""
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, example_id_B)
+
+
+def given_mask(batch: Batch) -> jax.Array | None:
+    """bool [B, L]: the batch's conditioning positions (prompt/response data), else None."""
+    prompt_mask = batch.get("prompt_mask")
+    return None if prompt_mask is None else prompt_mask > 0
+
+
+def attention_options(batch: Batch, copies: int = 1) -> dict[str, jax.Array]:
+    """The ModelFn options that keep padding out of attention: {'kv_valid_BL': ...} when
+    the batch marks padding (`valid`), else {}. `copies` > 1 repeats it along the length
+    (BD3-LM's x_t ⊕ x_0 input)."""
+    valid = batch.get("valid")
+    if valid is None:
+        return {}
+    return {"kv_valid_BL": jnp.tile(valid > 0, (1, copies))}
 
 
 def exclude_token(logits_BLV: jax.Array, token_id: int) -> jax.Array:

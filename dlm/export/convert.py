@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 import dlm
-from dlm.data import tokenizers
+from dlm.data import sft, tokenizers
 from dlm.diffusion import process as process_lib
 from dlm.export import hf, layout
 from dlm.models import registry as model_registry
@@ -174,7 +174,8 @@ class Exported:
         if self.tokenizer is None:
             raise ValueError("this export has no tokenizer; the samplers need one")
         return sampling.from_flax(self.module, self.process, self.tokenizer,
-                                  context_len=int(self.config.data.seq_len))
+                                  context_len=int(self.config.data.seq_len),
+                                  pad_unattended=sft.pad_unattended(self.config.data))
 
 
 def run_config(export: Mapping[str, Any]) -> ml_collections.ConfigDict:

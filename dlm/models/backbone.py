@@ -131,18 +131,21 @@ class Backbone(nn.Module):
         positions_BL: jax.Array | None = None,
         mask: MaskSpec | str | None = None,
         output_len: int | None = None,
+        kv_valid_BL: jax.Array | None = None,
     ) -> jax.Array:
         """Returns logits [B, output_len or L, vocab] float32.
 
         `t_B` (diffusion time) is read only by a time-conditioned DiT; `positions_BL` (RoPE)
         default to arange(L) (with the bd3lm mask over x_t ⊕ x_0 pass the positions of x_t
         twice); `mask` overrides `config.mask`; `output_len` keeps only the first positions'
-        logits (the x_t half of x_t ⊕ x_0), so the head never runs on the others.
+        logits (the x_t half of x_t ⊕ x_0), so the head never runs on the others;
+        `kv_valid_BL` (bool [B, L], optional) marks the keys queries may attend to (False:
+        padding, never attended).
         """
         L = tokens_BL.shape[1]
         positions = jnp.arange(L) if positions_BL is None else positions_BL
         logits, _ = self._run(tokens_BL, t_B, positions, mask, train=train,
-                              output_len=output_len)
+                              output_len=output_len, kv_valid_BS=kv_valid_BL)
         return logits
 
     def decode(

@@ -1,6 +1,7 @@
 """Trained runs: the workdir layout, checkpoints, loading weights (no optimizer, no data)
 and drawing scored samples. The command line, the notebooks and the benchmarks use these."""
 
+from dlm.runs.answering import answer_run, evaluate_task
 from dlm.runs.drawing import make_sampler, print_samples, sample, sample_to_file
 from dlm.runs.loading import Run, load_run, load_weights, with_energy
 from dlm.runs.workdir import (
@@ -14,6 +15,8 @@ from dlm.runs.workdir import (
 )
 
 __all__ = [
+    "answer_run",
+    "evaluate_task",
     "CONFIG_FILE",
     "ROUNDS_DIR",
     "TOKENIZER_DIR",

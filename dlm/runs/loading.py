@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dlm import sampling
+from dlm.data import sft
 from dlm.models import registry as model_registry
 from dlm.parallel import DATA_AXIS, make_mesh, state_sharding
 from dlm.runs import checkpoint as checkpoint_lib
@@ -66,7 +67,8 @@ def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = N
     network = None
     if files.network_kind != "energy":  # an energy run corrects a denoiser (`with_energy`)
         network = sampling.from_flax(module, files.process, files.tokenizer,
-                                     context_len=int(config.data.seq_len))
+                                     context_len=int(config.data.seq_len),
+                                     pad_unattended=sft.pad_unattended(config.data))
     return Run(files.workdir, config, files.tokenizer, files.process, module=module,
                network=network, params=params, mesh=mesh, step=int(step))
 

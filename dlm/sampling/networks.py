@@ -135,40 +135,54 @@ class EnergyDenoiser:
         return self.denoiser.schedule
 
 
+def _unpadded(tokens, pad_id: int | None, key: str) -> dict:
+    """{key: tokens != pad_id} for a network that never attends to PAD (trained with the
+    pad fill, `dlm.data.sft`), else {}."""
+    return {} if pad_id is None else {key: tokens != pad_id}
+
+
 @dataclasses.dataclass(frozen=True)
 class _FlaxDenoise:
     module: Any  # flax.linen.Module (hashable by value)
+    pad_id: int | None = None  # set: PAD keys are never attended
 
     def __call__(self, params, tokens_BL, t_B):
-        return self.module.apply({"params": params}, tokens_BL, t_B, train=False)
+        return self.module.apply({"params": params}, tokens_BL, t_B, train=False,
+                                 **_unpadded(tokens_BL, self.pad_id, "kv_valid_BL"))
 
 
 @dataclasses.dataclass(frozen=True)
 class _FlaxDecode:
     module: Any
+    pad_id: int | None = None
 
     def __call__(self, params, tokens_BT, cache):
-        return self.module.apply({"params": params}, tokens_BT, cache, method="decode")
+        return self.module.apply({"params": params}, tokens_BT, cache, method="decode",
+                                 **_unpadded(tokens_BT, self.pad_id, "valid_BT"))
 
 
 @dataclasses.dataclass(frozen=True)
 class _FlaxBlockDecode:
     module: Any
     mask: str  # 'block_causal:b'
+    pad_id: int | None = None
 
     def __call__(self, params, tokens_BT, cache, positions_BT):
         return self.module.apply({"params": params}, tokens_BT, cache, positions_BT=positions_BT,
-                                 mask=self.mask, method="decode")
+                                 mask=self.mask, method="decode",
+                                 **_unpadded(tokens_BT, self.pad_id, "valid_BT"))
 
 
 @dataclasses.dataclass(frozen=True)
 class _FlaxBlockForward:
     module: Any
     mask: str
+    pad_id: int | None = None
 
     def __call__(self, params, tokens_BL):
         return self.module.apply({"params": params}, tokens_BL, None, train=False,
-                                 mask=self.mask)
+                                 mask=self.mask,
+                                 **_unpadded(tokens_BL, self.pad_id, "kv_valid_BL"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,16 +195,18 @@ class _FlaxInitCache:
         return KVCache.init(self.module.config, batch, max_len)
 
 
-def from_flax(module, process, tokenizer=None, context_len: int | None = None
-              ) -> Denoiser | BlockDenoiser | CausalLM:
+def from_flax(module, process, tokenizer=None, context_len: int | None = None,
+              pad_unattended: bool = False) -> Denoiser | BlockDenoiser | CausalLM:
     """Wraps a Flax module as the network its `process` trained: by `process.network_kind`,
     a DiT as a Denoiser ('denoiser') or a BlockDenoiser ('block', blocks of
     `process.block_size`), a Transformer as a CausalLM ('causal').
 
     `tokenizer` (optional) supplies the EOS and pad ids for end-of-text policies;
     `context_len` (optional) is the training sequence length, the default view of a block
-    diffusion sampler. Raises ValueError for another kind (no sampler takes it) or a
-    time-conditioned block diffusion network.
+    diffusion sampler; `pad_unattended` (a network trained with the pad fill of
+    `dlm.data.sft`, which never saw PAD as a key) keeps the tokenizer's PAD out of attention.
+    Raises ValueError for another kind (no sampler takes it) or a time-conditioned block
+    diffusion network.
     """
     kind = process.network_kind
     if kind not in ("denoiser", "block", "causal"):
@@ -203,16 +219,20 @@ def from_flax(module, process, tokenizer=None, context_len: int | None = None
     vocab = Vocab(mask_id=int(mask_id),
                   eos_id=None if tokenizer is None else tokenizer.eos_id,
                   pad_id=None if tokenizer is None else tokenizer.pad_id)
+    if pad_unattended and vocab.pad_id is None:
+        raise ValueError("pad_unattended needs the tokenizer's pad id")
+    pad_id = vocab.pad_id if pad_unattended else None
     if kind == "causal":
-        return CausalLM(_FlaxDecode(module), _FlaxInitCache(module), vocab)
+        return CausalLM(_FlaxDecode(module, pad_id), _FlaxInitCache(module), vocab)
     if kind == "denoiser":
-        return Denoiser(_FlaxDenoise(module), vocab, process.schedule,
+        return Denoiser(_FlaxDenoise(module, pad_id), vocab, process.schedule,
                         bool(module.config.time_conditioning))
     if module.config.get("time_conditioning", False):
         raise ValueError("block diffusion sampling does not support a time-conditioned "
                          "network (model.time_conditioning=True)")
     block_size = int(process.block_size)
     mask = f"block_causal:{block_size}"
-    return BlockDenoiser(_FlaxBlockDecode(module, mask), _FlaxBlockForward(module, mask),
+    return BlockDenoiser(_FlaxBlockDecode(module, mask, pad_id),
+                         _FlaxBlockForward(module, mask, pad_id),
                          _FlaxInitCache(module), vocab, process.schedule, block_size,
                          None if context_len is None else int(context_len))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from dlm.data import builders, packing, tokenizers
+from dlm.data import builders, packing, sft, tokenizers
 from dlm.diffusion import process as process_lib
 from dlm.diffusion import schedules
 from dlm.training import optimizer as optimizer_lib
@@ -17,6 +17,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "data.name": tuple(builders.BUILDERS),
         "data.tokenizer": tokenizers.TOKENIZER_KINDS,
         "data.packing": tuple(packing.PACKERS),
+        "data.fill": sft.FILLS,
+        "data.too_long": sft.TOO_LONG,
         "process.name": process_lib.PROCESSES.names(),
         "process.schedule": schedules.SCHEDULES.names(),
         "optimizer.schedule": optimizer_lib.SCHEDULES,

@@ -121,6 +121,11 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     config.model.vocab_size = corpus.tokenizer.vocab_size
     model = model_registry.build_model(config.model, corpus.tokenizer.vocab_size)
     process = process_lib.make_process(config, vocab_size=corpus.tokenizer.vocab_size)
+    if corpus.conditional and not process.conditional:
+        allowed = [name for name, cls in process_lib.PROCESSES.items() if cls.conditional]
+        raise ValueError(f"data.name={config.data.name!r} holds prompt/response examples, which "
+                         f"process.name={config.process.name!r} does not train on; use one of "
+                         f"{', '.join(allowed)}")
     frozen = parallel.frozen_modules(process, model, config.model,
                                      corpus.tokenizer.vocab_size)
     mesh = parallel.make_mesh()
