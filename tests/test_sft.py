@@ -237,3 +237,20 @@ def test_pads_carry_no_loss_and_are_never_attended(method):
     leaky = [module.apply({"params": params}, x, jnp.full(2, 0.5) if method is mdlm else None,
                           train=False) for x in (batch["tokens"], other["tokens"])]
     assert not np.allclose(np.asarray(leaky[0])[valid], np.asarray(leaky[1])[valid])
+
+
+def test_sft_configs_fit_every_task_and_name_bad_arguments():
+    from configs import sft as sft_config
+    from dlm.data import tasks
+
+    for task, seq_len in sft_config.SEQ_LEN.items():
+        config = sft_config.get_config(f"bd3lm,{task}")
+        assert (config.data.name, config.data.task, config.data.seq_len) == ("task", task,
+                                                                              seq_len)
+        assert seq_len % config.block_size == 0
+        examples = tasks.make_task(task).examples("train", 300, 0)
+        assert max(len(e.prompt) + len(e.response) + 3 for e in examples) <= seq_len
+    for arg, message in (("mdlm", "PROCESS,TASK"), ("edlm,addition", "process 'edlm'"),
+                         ("mdlm,poetry", "task 'poetry'")):
+        with pytest.raises(ValueError, match=message):
+            sft_config.get_config(arg)
