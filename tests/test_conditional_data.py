@@ -503,3 +503,10 @@ def test_pipeline_on_text_is_not_conditional(tmp_path):
     assert not conditional.is_conditional(corpus.builder)
     with pytest.raises(ValueError, match="holds text, not prompt/response examples"):
         pipeline.examples(corpus, "train")
+
+
+def test_sft_names_every_prompt_response_builder():
+    """`sft.CONDITIONAL_DATA` (read where tfds is not imported) lists exactly these builders."""
+    names = {name for name, cls in builders.BUILDERS.items()
+             if issubclass(cls, conditional._ConditionalBuilder)}
+    assert names == set(sft.CONDITIONAL_DATA)

@@ -38,8 +38,7 @@ from etils import epath
 
 from dlm.data import tasks
 
-CONDITIONAL_FEATURES = ("prompt", "response", "answer", "example")
-SPLITS = ("train", "validation", "test")
+SPLITS = tasks.SPLITS
 DEFAULT_TASK_EXAMPLES = (20_000, 500, 500)
 GSM8K_VALIDATION_PERCENT = 5
 

@@ -8,15 +8,12 @@ data names (a generated task's own, `gsm8k` for GSM8K, exact match for a JSONL f
 
 from __future__ import annotations
 
-import json
-import pathlib
-
 from dlm import sampling
 from dlm.data import builders, pipeline, tasks
 from dlm.evaluation import answers
 from dlm.parallel import distributed
 from dlm.runs import loading
-from dlm.runs.drawing import check_compatible, check_length, make_sampler
+from dlm.runs.drawing import check_compatible, check_length, make_sampler, write_json_lines
 from dlm.runs.workdir import RunFiles, read_run
 
 
@@ -103,9 +100,5 @@ def evaluate_task(workdir: str, sampler_name: str, out: str | None = None, *,
                                length=length, max_new_tokens=max_new_tokens, seed=seed)
     summary = {"task": verifier.name, "split": split, **summary}
     if out and distributed.is_main_process():
-        path = pathlib.Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_json_lines(out, rows)
     return summary

@@ -170,12 +170,17 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
     records, summary = sample(run, sampler, num_samples=num_samples, length=length,
                               prompt=prompt, seed=seed, batch_size=batch_size, judge=judge)
     if distributed.is_main_process():  # every process drew the same samples
-        path = pathlib.Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        write_json_lines(out, records)
     return summary
+
+
+def write_json_lines(out, records) -> None:
+    """Writes one JSON object per record to the file `out` (its folder created)."""
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
 
 
 def print_samples(workdir: str, sampler_name: str = "mdlm", num_samples: int = 3,
