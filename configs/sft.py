@@ -11,7 +11,10 @@ unconditional run (same tokenizer and size). BD3-LM uses blocks of 4. Then:
     python -m experiments.evaluate_task --workdir=RUN --sampler=fast_dllm
 """
 
+from ml_collections import config_dict
+
 from configs import ar, bd3lm, mdlm
+from dlm.data import tasks
 
 PROCESSES = {"mdlm": mdlm, "bd3lm": bd3lm, "ar": ar}
 # task -> data.seq_len (a multiple of 8, so that BD3-LM blocks of 4 or 8 fit) for the
@@ -33,6 +36,11 @@ def get_config(arg: str | None = None):
     config = PROCESSES[process].get_config(size)
     config.data.update(name="task", task=task, seq_len=SEQ_LEN[task], batch_size=64,
                        eval_batch_size=64)
+    # Every option of the task, so that `--config.data.task_options.K=V` overrides it (a
+    # ConfigDict takes no new keys from the command line); None stays None unless set.
+    config.data.task_options = {
+        k: config_dict.placeholder(int) if v is None else v
+        for k, v in tasks.default_options(task).items()}
     config.total_steps = 2_000
     config.eval_every = 1_000
     config.checkpoint_every = 1_000

@@ -254,3 +254,33 @@ def test_sft_configs_fit_every_task_and_name_bad_arguments():
                          ("mdlm,poetry", "task 'poetry'")):
         with pytest.raises(ValueError, match=message):
             sft_config.get_config(arg)
+
+
+def test_sft_task_options_are_overridable_from_the_command_line():
+    """Every task option is a config key, so `--config.data.task_options.K=V` reaches the data
+    (a ConfigDict takes no new keys from flags); `{}` and the defaults name the same data."""
+    import pathlib
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    from dlm.data import conditional, tasks
+
+    path = pathlib.Path(__file__).parents[1] / "configs" / "sft.py"
+
+    def parse(*overrides):
+        values, argv = flags.FlagValues(), ["prog", f"--config={path}:mdlm,addition", *overrides]
+        config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+        values(argv)
+        data = values.config.data
+        return conditional._task_config(data.task, data.task_options, 0, (50, 5, 5))
+
+    default, two = parse(), parse("--config.data.task_options.max_digits=2")
+    assert default.name == conditional._task_config("addition", {}, 0, (50, 5, 5)).name
+    assert two.name != default.name and two.options["max_digits"] == 2
+
+    def largest_operand(options):
+        examples = tasks.make_task("addition", **options).examples("train", 50, 0)
+        return max(int(n) for e in examples for n in e.prompt.rstrip("=").split("+"))
+
+    assert largest_operand(two.options) < 100 <= largest_operand(default.options)

@@ -349,9 +349,10 @@ def _task_config(task: str, options, seed: int, counts) -> TaskConfig:
     if not task:
         raise ValueError(f"data.task is empty: with data.name='task' set it to one of "
                          f"{tuple(tasks.TASKS)}")
-    options = _plain(options or {})
     counts = _task_counts(counts)
-    tasks.make_task(task, **options)  # a ValueError now, not when preparing
+    # A ValueError now, not when preparing; the resolved options (defaults filled in) name
+    # the data, so `{}` and the defaults spelled out share it.
+    options = _plain(tasks.make_task(task, **_plain(options or {})).options())
     settings = {"task": task, "options": options, "seed": int(seed), "examples": counts}
     return TaskConfig(name=f"{_slug(task, 'task')}_{_digest(settings)}", task=task,
                       options=options, seed=int(seed), examples=counts,

@@ -110,6 +110,12 @@ class Task:
 TASKS: Registry[type[Task]] = Registry("task")
 
 
+def default_options(name: str) -> dict:
+    """The options of task ``name`` with their declared defaults (None where the task derives
+    one from the other options, as sudoku's ``holes`` from its ``size``)."""
+    return {f.name: f.default for f in dataclasses.fields(TASKS.get(name))}
+
+
 def make_task(name: str, **options) -> Task:
     """The task registered as ``name`` with ``options``; ValueError for an unknown name (listing
     the allowed ones), an unknown option (listing the task's options) or a bad value."""
