@@ -22,6 +22,15 @@ PROCESSES = {"mdlm": mdlm, "bd3lm": bd3lm, "ar": ar}
 SEQ_LEN = {"addition": 16, "multiplication": 16, "sorting": 48, "word_problems": 160,
            "countdown": 40, "sudoku": 48}
 
+# The data of the demo and of the `tasks` benchmark suite (data.* keys over the defaults):
+# two-digit addition has 8,100 problems, so its splits are disjoint subsets of those.
+BENCHMARK_DATA = {
+    "addition": {"task_options": {"min_digits": 2, "max_digits": 2},
+                 "task_examples": (6_000, 200, 300)},
+    "word_problems": {},
+    "sudoku": {},
+}
+
 
 def get_config(arg: str | None = None):
     parts = (arg or "mdlm,addition").split(",")

@@ -14,6 +14,8 @@ Suites:
   edlm                EDLM against MDLM: see `experiments.edlm_benchmarks`.
   sdtt                SDTT students against their MDLM teacher: see
                       `experiments.sdtt_benchmarks`.
+  tasks               accuracy against speed of every sampler on SFT runs (MDLM, BD3-LM,
+                      AR) of verifiable tasks: see `experiments.task_benchmarks`.
 
 Each suite replaces its own section of the file and leaves the others alone; every
 section records the command, the machine and the date. Figures are medians.
@@ -33,10 +35,11 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import block_benchmarks, edlm_benchmarks, report, sdtt_benchmarks
+from experiments import block_benchmarks, edlm_benchmarks, report, sdtt_benchmarks, task_benchmarks
 
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
-                            "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost.")
+                            "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost, "
+                            "edlm, sdtt, tasks.")
 _SIZES = flags.DEFINE_list("sizes", ["micro", "tiny"], "Model sizes for `throughput`.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch for `throughput`.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Sequence length for `throughput`.")
@@ -450,7 +453,7 @@ def main(argv):
               "ladder": lambda c: block_benchmarks.ladder_section(c),
               "bd3lm_cost": lambda c: block_benchmarks.cost_section(c),
               "edlm": edlm_benchmarks.edlm_section,
-              "sdtt": sdtt_benchmarks.sdtt_section}
+              "sdtt": sdtt_benchmarks.sdtt_section, "tasks": task_benchmarks.tasks_section}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")

@@ -72,13 +72,15 @@ class Progress:
         self._last_step, self._last_time = start_step, time.perf_counter()
 
     def report(self, step: int, loss: float) -> float:
-        """Logs a progress line and returns steps/s since the previous report."""
+        """Logs a progress line and returns steps/s since the previous report; the record
+        carries (step, total, loss, steps/s, ETA) as `dlm_progress` for a console handler."""
         now = time.perf_counter()
         rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
         self._last_step, self._last_time = step, now
         eta = (self._total - step) / rate if rate > 0 else float("inf")
         logging.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", step, self._total, loss,
-                     rate, _duration(eta))
+                     rate, _duration(eta),
+                     extra={"dlm_progress": (step, self._total, loss, rate, _duration(eta))})
         return rate
 
 
