@@ -425,8 +425,11 @@ def test_task_builder_matches_the_task(tmp_path):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"task": ""}, ValueError, r"data\.task is empty"),
-    ({"task": "no_such_task"}, ValueError, r"task='no_such_task'; allowed values: .*addition"),
-    ({"task_options": {"bogus": 1}}, ValueError, r"task 'addition' has no option 'bogus'"),
+    ({"task": "no_such_task"}, ValueError,
+     r"data\.task / data\.task_options: task='no_such_task'; allowed values: .*addition"),
+    ({"task": "gsm8k"}, ValueError, r"data\.task='gsm8k' is a verifier of file-based data"),
+    ({"task_options": {"bogus": 1}}, ValueError,
+     r"data\.task / data\.task_options: task 'addition' has no option 'bogus'"),
     ({"task_options": {"max_digits": 0}}, ValueError, r"option max_digits must be an integer"),
     ({"task_examples": (1, 2)}, ValueError, r"data\.task_examples must be three positive"),
     ({"task_examples": (0, 1, 1)}, ValueError, r"data\.task_examples must be three positive"),

@@ -352,7 +352,17 @@ def _task_config(task: str, options, seed: int, counts) -> TaskConfig:
     counts = _task_counts(counts)
     # A ValueError now, not when preparing; the resolved options (defaults filled in) name
     # the data, so `{}` and the defaults spelled out share it.
-    options = _plain(tasks.make_task(task, **_plain(options or {})).options())
+    try:
+        made = tasks.make_task(task, **_plain(options or {}))
+    except ValueError as error:
+        raise ValueError(f"data.task / data.task_options: {error}") from None
+    if type(made).generate is tasks.Task.generate:
+        generated = [n for n in tasks.TASKS if tasks.TASKS.get(n).generate is not
+                     tasks.Task.generate]
+        raise ValueError(f"data.task={task!r} is a verifier of file-based data, not a "
+                         f"generated task; generated: {', '.join(generated)} (for files use "
+                         "data.name='jsonl' or 'gsm8k')")
+    options = _plain(made.options())
     settings = {"task": task, "options": options, "seed": int(seed), "examples": counts}
     return TaskConfig(name=f"{_slug(task, 'task')}_{_digest(settings)}", task=task,
                       options=options, seed=int(seed), examples=counts,
