@@ -410,7 +410,7 @@ def test_task_builder_matches_the_task(tmp_path):
                                                   task_options={"max_digits": 2}))
     assert small.builder_config.name not in (builder.builder_config.name,
                                              seeded.builder_config.name)
-    assert small.builder_config.options == {"max_digits": 2}
+    assert small.builder_config.options == {"min_digits": 1, "max_digits": 2}  # resolved
     assert _records(small, "test") == tasks.make_task("addition", max_digits=2).examples(
         "test", 10, 0)
     assert all(len(part) <= 2 for e in _records(small, "train")

@@ -37,9 +37,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from dlm.data import conditional
+from dlm.data import conditional, tfds_base
 
 MAX_RECORD_CHARS = 32768
 DEFAULT_DATA_DIR = "~/.cache/dlm/tensorflow_datasets"
@@ -86,34 +85,13 @@ def char_vocab(builder: tfds.core.DatasetBuilder) -> list[str]:
     return list(metadata["char_vocab"])
 
 
-class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of all builders: features, ordering, record splitting and the char vocabulary."""
+class _TextBuilder(tfds_base.Builder, skip_registration=True):
+    """Base of the text builders: record splitting of documents."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    # tfds infers this through the `importlib_resources` backport, which is not installed.
-    code_path = epath.Path(__file__)
-    _DESCRIPTION = ""
-    _HOMEPAGE = None
-    _CITATION = None
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self._DESCRIPTION,
-            features=tfds.features.FeaturesDict({
-                "text": tfds.features.Text(),
-                "document": tfds.features.Scalar(dtype=np.int64),
-            }),
-            disable_shuffling=True,  # record i == i-th generated example
-            metadata=tfds.core.MetadataDict(),
-            homepage=self._HOMEPAGE,
-            citation=self._CITATION,
-        )
+    FEATURES = {
+        "text": tfds.features.Text(),
+        "document": tfds.features.Scalar(dtype=np.int64),
+    }
 
     def _generate_examples(self, documents: Iterable[str], split: str):
         """Yields (record index, example) over the non-empty documents, in order."""
@@ -130,8 +108,7 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if key == 0:
             raise ValueError(f"{self.name}: split {split!r} has no text")
         if split == "train":
-            # Written to disk with the DatasetInfo once every split is generated.
-            self.info.metadata["char_vocab"] = sorted(chars)
+            self._record_char_vocab(chars)
 
 
 # ---------------------------------------------------------------- local corpora

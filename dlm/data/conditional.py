@@ -34,9 +34,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from dlm.data import tasks
+from dlm.data import tasks, tfds_base
 
 SPLITS = tasks.SPLITS
 DEFAULT_TASK_EXAMPLES = (20_000, 500, 500)
@@ -75,36 +74,15 @@ def _digest(value) -> str:
     return hashlib.sha256(encoded).hexdigest()[:12]
 
 
-class _ConditionalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of the prompt/response builders: features, ordering and the char vocabulary."""
+class _ConditionalBuilder(tfds_base.Builder, skip_registration=True):
+    """Base of the prompt/response builders: one record per example."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    # tfds infers this through the `importlib_resources` backport, which is not installed.
-    code_path = epath.Path(__file__)
-    _DESCRIPTION = ""
-    _HOMEPAGE = None
-    _CITATION = None
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self._DESCRIPTION,
-            features=tfds.features.FeaturesDict({
-                "prompt": tfds.features.Text(),
-                "response": tfds.features.Text(),
-                "answer": tfds.features.Text(),
-                "example": tfds.features.Scalar(dtype=np.int64),
-            }),
-            disable_shuffling=True,  # record i == i-th example
-            metadata=tfds.core.MetadataDict(),
-            homepage=self._HOMEPAGE,
-            citation=self._CITATION,
-        )
+    FEATURES = {
+        "prompt": tfds.features.Text(),
+        "response": tfds.features.Text(),
+        "answer": tfds.features.Text(),
+        "example": tfds.features.Scalar(dtype=np.int64),
+    }
 
     def _generate_examples(self, examples: Iterable[tasks.Example], split: str):
         """Yields (record index, record) over the examples, in order."""
@@ -117,8 +95,7 @@ class _ConditionalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         if index == 0:
             raise ValueError(f"{self.name}: split {split!r} has no examples")
         if split == "train":
-            # Written to disk with the DatasetInfo once every split is generated.
-            self.info.metadata["char_vocab"] = sorted(chars)
+            self._record_char_vocab(chars)
 
 
 # ---------------------------------------------------------------- JSON lines
