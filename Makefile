@@ -8,7 +8,7 @@ WORKDIR ?= /tmp/dlm_demo
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,torch]'
+	$(PY) -m pip install --quiet -e '.[dev,torch,harness]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -37,5 +37,7 @@ setuptools.setup(
             "matplotlib>=3.8,<4",
         ],
         "torch": ["torch==2.13.0", "safetensors>=0.4,<1", "transformers>=5,<6"],
+        # The lm-evaluation-harness adapter (experiments/lm_eval_harness.py).
+        "harness": ["lm_eval>=0.4.5,<0.5"],
     },
 )
