@@ -18,13 +18,12 @@ import contextlib
 import json
 import logging as logging_std
 import pathlib
-import sys
 
 from absl import flags, logging
 
 from configs import mdlm, sft
 from dlm import runs
-from dlm.training import trainer
+from dlm.training import metrics, trainer
 from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/dlm_demo", "Where the demo run lives.")
@@ -53,24 +52,6 @@ def decoders(threshold: float) -> list[tuple[str, str, dict]]:
              {"threshold": threshold})]
 
 
-class _ProgressLine(logging_std.Handler):
-    """Rewrites one console line (on the stdout of its creation) from the trainer's progress
-    records."""
-
-    def __init__(self):
-        super().__init__()
-        self._stream, self.written = sys.stdout, False
-
-    def emit(self, record: logging_std.LogRecord) -> None:
-        progress = getattr(record, "dlm_progress", None)
-        if progress is not None:
-            step, total, loss, rate, eta = progress
-            self._stream.write(f"\r  training: step {step}/{total}  loss {loss:.3f}  "
-                               f"{rate:.1f} steps/s  ETA {eta}   ")
-            self._stream.flush()
-            self.written = True
-
-
 @contextlib.contextmanager
 def quiet_console(workdir: pathlib.Path):
     """absl logs to `workdir/logs/` and library prints to its `stdout.txt`; the console
@@ -80,7 +61,7 @@ def quiet_console(workdir: pathlib.Path):
     handler = logging.get_absl_handler()
     handler.use_absl_log_file("demo", str(logs))
     logging.set_stderrthreshold("error")
-    progress = _ProgressLine()
+    progress = metrics.ProgressLine()
     logging_std.getLogger("absl").addHandler(progress)
     try:
         with open(logs / "stdout.txt", "a") as captured, contextlib.redirect_stdout(captured):

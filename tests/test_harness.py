@@ -131,7 +131,7 @@ def test_bad_requests_are_named(loaded, tmp_path):
 
 
 def test_lm_eval_end_to_end_on_local_tasks(loaded, tmp_path, monkeypatch):
-    from experiments import lm_eval_harness  # the [harness] extra, installed by `make test`
+    from dlm.evaluation import lm_eval_model  # the [harness] extra, installed by `make test`
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     workdir, _ = loaded["ar"]
@@ -153,9 +153,9 @@ def test_lm_eval_end_to_end_on_local_tasks(loaded, tmp_path, monkeypatch):
         "task: dlm_toy_mc\n" + common + "output_type: multiple_choice\n"
         "doc_to_text: '{{prompt}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: gold\n"
         "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
-    results = lm_eval_harness.evaluate(str(workdir), ["dlm_toy_gen", "dlm_toy_mc"],
-                                       include_path=str(tasks_dir), sampler="ar",
-                                       sampler_options={"temperature": 0.0}, nll_draws=1)
+    results = lm_eval_model.evaluate(str(workdir), ["dlm_toy_gen", "dlm_toy_mc"],
+                                     include_path=str(tasks_dir), sampler="ar",
+                                     sampler_options={"temperature": 0.0}, nll_draws=1)
     run = runs.load_run(workdir)
     scorer = harness.Scorer(run, make_sampler("ar", overrides={"temperature": 0.0}),
                             nll_draws=1)

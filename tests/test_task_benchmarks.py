@@ -8,7 +8,7 @@ import pytest
 
 from dlm import sampling
 from dlm.diffusion import make_process
-from experiments import demo, task_benchmarks
+from experiments import task_benchmarks
 
 
 def test_steps_entries():
@@ -66,7 +66,7 @@ def test_demo_progress_line(capsys):
     from dlm.training import metrics
 
     logger = logging.getLogger("absl")
-    handler, level = demo._ProgressLine(), logger.level
+    handler, level = metrics.ProgressLine(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)  # what absl.app sets at its default --verbosity=0
     try:

@@ -6,6 +6,7 @@ import json
 import logging as logging_std
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -90,3 +91,21 @@ def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+class ProgressLine(logging_std.Handler):
+    """Rewrites one console line (on the stdout of its creation) from the trainer's progress
+    records."""
+
+    def __init__(self):
+        super().__init__()
+        self._stream, self.written = sys.stdout, False
+
+    def emit(self, record: logging_std.LogRecord) -> None:
+        progress = getattr(record, "dlm_progress", None)
+        if progress is not None:
+            step, total, loss, rate, eta = progress
+            self._stream.write(f"\r  training: step {step}/{total}  loss {loss:.3f}  "
+                               f"{rate:.1f} steps/s  ETA {eta}   ")
+            self._stream.flush()
+            self.written = True
