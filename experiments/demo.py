@@ -36,6 +36,7 @@ _UNCONDITIONAL = flags.DEFINE_bool(
     "unconditional", False, "Train on Tiny Shakespeare and sample instead (the earlier demo).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Characters per sequence (--unconditional).")
 
+
 def task_config(steps: int):
     """The demo's run: configs/sft.py:mdlm,addition with its benchmark data (two digits)."""
     config = sft.get_config("mdlm,addition")

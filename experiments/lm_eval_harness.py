@@ -5,11 +5,11 @@ r"""lm-evaluation-harness on a dlm run: the model adapter `dlm` and a command li
         [--out=results.json]
 
 The optional extra `pip install -e '.[harness]'` (lm_eval 0.4.x). The run must be trained on
-prompt/response data (SFT); `dlm.evaluation.harness` says how each request type is answered
+prompt/response data (SFT); `dlm.runs.harness` says how each request type is answered
 (`generate_until` through the named sampler, `loglikelihood` through the process's NLL: the
 NELBO's Monte-Carlo estimate for diffusion, exact for AR). With lm_eval's own CLI, import
-`dlm.evaluation.lm_eval_model` first (it registers the model)
-and pass `--model dlm --model_args workdir=RUN,sampler=fast_dllm,threshold=0.9`.
+`dlm.runs.lm_eval_model` first (it registers the model) and pass
+`--model dlm --model_args workdir=RUN,sampler=fast_dllm,threshold=0.9`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pathlib
 
 from absl import app, flags
 
-from dlm.evaluation import lm_eval_model
 from dlm.parallel import distributed
+from dlm.runs import lm_eval_model
 from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run trained on prompt/response data.")
@@ -38,9 +38,10 @@ def main(parsed):
     argv, overrides = parsed
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    results = lm_eval_model.evaluate(_WORKDIR.value, _TASKS.value, include_path=_INCLUDE.value,
-                       sampler=_SAMPLER.value, sampler_options=overrides, limit=_LIMIT.value,
-                       batch_size=_BATCH.value, nll_draws=_DRAWS.value)
+    results = lm_eval_model.evaluate(
+        _WORKDIR.value, _TASKS.value, include_path=_INCLUDE.value, sampler=_SAMPLER.value,
+        sampler_options=overrides, limit=_LIMIT.value, batch_size=_BATCH.value,
+        nll_draws=_DRAWS.value)
     text = json.dumps(results, default=str)
     if _OUT.value and distributed.is_main_process():
         pathlib.Path(_OUT.value).write_text(text)

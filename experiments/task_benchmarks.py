@@ -267,7 +267,8 @@ def tasks_section(command: str) -> str:
         "standard error. NFE is network calls per answer row, tokens per call counts the "
         "answer (response and its EOS) per call, tokens/s the answer tokens over the "
         "sampling time (compile excluded; other work may share the machine). "
-        f"Runs and per-example answers in `{root}`.",
+        f"Runs and per-example answers in `{root}`."
+        + (f" Not trained (`--tasks_skip`): {', '.join(_SKIP.value)}." if _SKIP.value else ""),
         "",
         f"![accuracy against tokens/s]({plot_path.name})",
         "",

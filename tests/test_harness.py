@@ -15,8 +15,7 @@ from helpers import small_config
 from configs import ar, mdlm
 from dlm import runs
 from dlm.data import sft
-from dlm.evaluation import harness
-from dlm.runs import loading
+from dlm.runs import harness, loading
 from dlm.runs.drawing import make_sampler
 from dlm.training import trainer
 
@@ -131,7 +130,7 @@ def test_bad_requests_are_named(loaded, tmp_path):
 
 
 def test_lm_eval_end_to_end_on_local_tasks(loaded, tmp_path, monkeypatch):
-    from dlm.evaluation import lm_eval_model  # the [harness] extra, installed by `make test`
+    from dlm.runs import lm_eval_model  # the [harness] extra, installed by `make test`
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     workdir, _ = loaded["ar"]

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness model `dlm` over `dlm.evaluation.harness.Scorer` (imports
+"""The lm-evaluation-harness model `dlm` over `dlm.runs.harness.Scorer` (imports
 `lm_eval`: the `[harness]` extra); the command line is `experiments.lm_eval_harness`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 
 from dlm import runs
-from dlm.evaluation import harness
+from dlm.runs import harness
 from dlm.runs.drawing import check_compatible, make_sampler
 
 _SCORER_OPTIONS = ("batch_size", "nll_draws", "length", "seed")

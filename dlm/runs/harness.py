@@ -17,7 +17,7 @@ ended with the continuation; rows of different lengths share one batch.
   consecutive pieces, each conditioned on as much of the text before it as fits (the chain
   rule, exact for AR when the text fits the room).
 - `generate_until(context, {until, max_gen_toks})`: the sampler's answer (through
-  `dlm.evaluation.answers`, greedy or not as the sampler is), cut at the first stop string.
+  `answering.answer_run`, greedy or not as the sampler is), cut at the first stop string.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlm.data import sft, tasks
-from dlm.evaluation import answers
 from dlm.parallel import model_fn
+from dlm.runs import answering
 
 
 class Scorer:
@@ -128,15 +128,9 @@ class Scorer:
         """The sampler's response ids (up to the first EOS) per context, `max_new_tokens`
         open positions after each."""
         examples = [tasks.Example(prompt=c, response="") for c in contexts]
-        layout = answers.Layout(
-            length=self.length, max_new_tokens=max_new_tokens,
-            fill_id=self.specials.pad if self.run.config.data.get("fill", "eos") == "pad"
-            else self.specials.eos,
-            mask_id=self.run.network.vocab.mask_id)
-        rows, _ = answers.answer(self.sampler, self.run.network, self.run.params,
-                                 self._verifier, examples, self.run.tokenizer, layout=layout,
-                                 batch_size=min(self.batch_size, len(examples)),
-                                 seed=self.seed)
+        rows, _ = answering.answer_run(self.run, self.sampler, self._verifier, examples,
+                                       batch_size=self.batch_size, length=self.length,
+                                       max_new_tokens=max_new_tokens, seed=self.seed)
         return [np.asarray(r["response_ids"], np.int32) for r in rows]
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
