@@ -22,6 +22,7 @@ import dlm
 from dlm.data import sft, tokenizers
 from dlm.diffusion import process as process_lib
 from dlm.export import hf, layout
+from dlm.models import masks
 from dlm.models import registry as model_registry
 
 _ARCHITECTURE_OF = {"dit": "dit", "transformer": "transformer"}
@@ -33,6 +34,12 @@ def model_section(model_config, vocab_size: int) -> dict:
     if model_config.name not in _ARCHITECTURE_OF:
         raise ValueError(f"model.name={model_config.name!r} cannot be exported; exportable: "
                          f"{', '.join(_ARCHITECTURE_OF)}")
+    defaults = model_registry.model_config("micro", model_config.name)
+    for key in model_registry.ARCH_KEYS:
+        if model_config.get(key, defaults[key]) != defaults[key]:
+            raise ValueError(f"model.{key}={model_config[key]!r} cannot be exported: the export "
+                             f"layout describes dlm's own networks (model.{key}="
+                             f"{defaults[key]!r})")
     return {
         "architecture": _ARCHITECTURE_OF[model_config.name],
         "hidden": int(model_config.hidden),
@@ -234,3 +241,40 @@ def load_export(directory) -> Exported:
     params = from_tensors(tensors, export["model"], str(weights_file))
     process = process_lib.make_process(config, vocab_size=vocab_size)
     return Exported(export, config, module, params, tokenizer, process)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A pretrained Hugging Face folder (`pretrained.py`) loaded into dlm's transformer."""
+
+    folder: Any  # pretrained.Folder: family, config.json, mask id
+    model_config: Any  # ml_collections.ConfigDict: config.model of the network
+    module: Any  # flax.linen.Module
+    params: Any
+
+
+def load_pretrained(directory, *, param_dtype: str | None = None) -> Pretrained:
+    """A Llama / Qwen2 / LLaDA / Dream folder as dlm's transformer with the folder's weights
+    (`param_dtype`: 'float32' or 'bfloat16' to cast them to, default float32). Causal
+    families keep the causal mask; LLaDA and Dream attend bidirectionally. Raises
+    FileNotFoundError / ValueError naming the file, key or tensor."""
+    from dlm.export import pretrained
+
+    folder = pretrained.read_folder(directory)
+    dtype = jnp.dtype(param_dtype or "float32")
+    if dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"param_dtype={param_dtype!r}; allowed: float32, bfloat16")
+    config = model_registry.model_config("micro", "transformer")
+    model = dict(folder.model)
+    vocab_size = model.pop("vocab_size")
+    config.update(model, size="custom", dropout=0.0)
+    if folder.family.process == "mdlm":
+        config.mask = str(masks.MaskSpec.full())
+    module = model_registry.build_model(config, vocab_size)
+    params: dict = {}
+    for path, array in pretrained.tensors(folder):
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(array, dtype)
+    return Pretrained(folder, config, module, params)

@@ -1,14 +1,23 @@
 """The transformer stack shared by the MDLM denoiser (DiT) and the causal model.
 
-Both are embeddings, N pre-norm blocks (RoPE attention through `attend`, GELU MLP) and an
+Both are embeddings, N pre-norm blocks (RoPE attention through `attend`, an MLP) and an
 output head; they differ in one switch. A *conditioned* stack (the DiT) modulates every
 norm with shift/scale/gate from a conditioning vector (adaLN-zero: the gates start at 0,
 so each block starts as the identity) and ends in an adaLN final layer whose projection
 starts at 0; an unconditioned stack (the causal transformer) has plain pre-norm residual
 blocks and a plain head. The attention mask is data (`config.mask`), so the same stack
 serves full, causal and block masks, and `decode` runs a block of tokens against a KV cache.
+
+The options of the pretrained families (Llama, Qwen2, LLaDA, Dream) are config keys whose
+defaults are dlm's own networks: `model.norm` ('layernorm' | 'rmsnorm') and `norm_eps`;
+`model.mlp` ('gelu' | 'swiglu') of width `mlp_hidden` (0: mlp_ratio * hidden); `qkv_bias`;
+`head_dim` (0: hidden / heads); `rope_base` and `rope_scaling` / `rope_factor` /
+`rope_original_len` (`layers.Rope`); `tie_embeddings` (the head is the embedding matrix);
+and `shift_logits` (Dream: position i's logits predict token i + 1 and are shifted right
+by one, so every sampler reads position i's prediction of token i, as for any denoiser).
 """
 
+import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -17,21 +26,49 @@ import jax.numpy as jnp
 
 from dlm.models.kv_cache import KVCache
 from dlm.models.layers import (
-    MLP,
+    MLPS,
     AdaLNModulation,
     Dense,
     LayerCache,
-    LayerNorm,
+    Rope,
     SelfAttention,
     TimestepEmbedding,
     embed_init,
+    make_norm,
     modulate,
 )
 from dlm.models.masks import MaskSpec, as_mask_spec
 
 
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """The per-block options of `model.*` (see the module docstring), resolved."""
+
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"
+    mlp_hidden: int = 0
+    head_dim: int = 0
+    qkv_bias: bool = False
+    rope: Rope = Rope()
+
+    @classmethod
+    def of(cls, cfg) -> "Arch":
+        """From a model config; keys a run saved before they existed take their defaults."""
+        get = cfg.get
+        return cls(norm=get("norm", "layernorm"), norm_eps=float(get("norm_eps", 1e-5)),
+                   mlp=get("mlp", "gelu"),
+                   mlp_hidden=get("mlp_hidden", 0) or cfg.mlp_ratio * cfg.hidden,
+                   head_dim=get("head_dim", 0) or cfg.hidden // cfg.heads,
+                   qkv_bias=bool(get("qkv_bias", False)),
+                   rope=Rope(base=float(get("rope_base", 10000.0)),
+                             scaling=get("rope_scaling", "none"),
+                             factor=float(get("rope_factor", 1.0)),
+                             original_len=get("rope_original_len", 0) or get("max_len", 0)))
+
+
 class Block(nn.Module):
-    """Pre-norm attention + GELU MLP with residuals, adaLN-modulated when `conditioned`.
+    """Pre-norm attention + MLP with residuals, adaLN-modulated when `conditioned`.
 
     Returns (x [B, T, hidden] float32, updated layer cache or None).
     """
@@ -39,7 +76,7 @@ class Block(nn.Module):
     hidden: int
     heads: int
     kv_heads: int
-    mlp_ratio: int = 4
+    arch: Arch = Arch()
     dropout: float = 0.0
     dtype: Any = jnp.float32
     attention_impl: str = "xla"
@@ -66,14 +103,16 @@ class Block(nn.Module):
             gate_a = gate_m = 1.0
         drop = nn.Dropout(self.dropout, deterministic=not train)
 
-        h = _maybe_modulate(LayerNorm(name="norm1")(x_BTD), shift_a, scale_a)
+        arch = self.arch
+        h = _maybe_modulate(make_norm(arch.norm, arch.norm_eps, "norm1")(x_BTD), shift_a, scale_a)
         h, new_cache = SelfAttention(self.hidden, self.heads, self.kv_heads, self.dtype,
-                                     self.attention_impl, name="attn")(
+                                     self.attention_impl, arch.head_dim, arch.qkv_bias,
+                                     arch.rope, name="attn")(
             h, positions, mask, q_offset=q_offset, kv_valid_BS=kv_valid_BS,
             layer_cache=layer_cache)
         x_BTD = x_BTD + gate_a * drop(h.astype(jnp.float32))
-        h = _maybe_modulate(LayerNorm(name="norm2")(x_BTD), shift_m, scale_m)
-        h = MLP(self.hidden, self.mlp_ratio, self.dtype, name="mlp")(h)
+        h = _maybe_modulate(make_norm(arch.norm, arch.norm_eps, "norm2")(x_BTD), shift_m, scale_m)
+        h = MLPS[arch.mlp](self.hidden, arch.mlp_hidden, self.dtype, name="mlp")(h)
         x_BTD = x_BTD + gate_m * drop(h.astype(jnp.float32))
         return x_BTD, new_cache
 
@@ -88,11 +127,12 @@ class FinalLayer(nn.Module):
     hidden: int
     vocab_size: int
     dtype: Any = jnp.float32
+    arch: Arch = Arch()
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, c_BC: jax.Array) -> jax.Array:
         shift, scale = AdaLNModulation(2, self.hidden, name="adaln")(c_BC)
-        h = modulate(LayerNorm(name="norm")(x_BTD), shift, scale)
+        h = modulate(make_norm(self.arch.norm, self.arch.norm_eps, "norm")(x_BTD), shift, scale)
         return Dense(self.vocab_size, self.dtype, out_dtype=jnp.float32,
                      kernel_init=nn.initializers.zeros, name="out")(h)
 
@@ -109,18 +149,22 @@ class Backbone(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         kv_heads = cfg.get("kv_heads") or cfg.heads
+        arch = Arch.of(cfg)
+        self.tied = bool(cfg.get("tie_embeddings", False))
+        self.shift = bool(cfg.get("shift_logits", False))
         self.embed = nn.Embed(self.vocab_size, cfg.hidden, embedding_init=embed_init)
         self.blocks = [
-            Block(cfg.hidden, cfg.heads, kv_heads, cfg.mlp_ratio, cfg.dropout, dtype,
+            Block(cfg.hidden, cfg.heads, kv_heads, arch, cfg.dropout, dtype,
                   cfg.attention_impl, conditioned=self.conditioned)
             for _ in range(cfg.layers)
         ]
         if self.conditioned:
             self.time_embed = TimestepEmbedding(cfg.get("cond_dim", 128))
-            self.final = FinalLayer(cfg.hidden, self.vocab_size, dtype)
+            self.final = FinalLayer(cfg.hidden, self.vocab_size, dtype, arch)
         else:
-            self.norm = LayerNorm()
-            self.head = Dense(self.vocab_size, dtype, out_dtype=jnp.float32)
+            self.norm = make_norm(arch.norm, arch.norm_eps)
+            if not self.tied:
+                self.head = Dense(self.vocab_size, dtype, out_dtype=jnp.float32)
 
     def __call__(
         self,
@@ -167,6 +211,10 @@ class Backbone(nn.Module):
         to. To score a block without keeping it (block diffusion), drop the returned cache.
         Returns (logits [B, T, vocab] float32, the cache with T more slots).
         """
+        if self.shift:
+            raise ValueError("model.shift_logits: KV-cache decoding of a network whose logits "
+                             "are shifted (Dream) needs the hidden state before each block; "
+                             "decode it without a cache")
         T = tokens_BT.shape[1]
         positions = cache.length + jnp.arange(T) if positions_BT is None else positions_BT
         valid_BT = jnp.ones(tokens_BT.shape, bool) if valid_BT is None else valid_BT
@@ -201,5 +249,14 @@ class Backbone(nn.Module):
                                      layer_cache=layer_cache)
             new_layers.append(new_layer)
         x_BTD = x_BTD if output_len is None else x_BTD[:, :output_len]
-        logits = self.final(x_BTD, c_BC) if self.conditioned else self.head(self.norm(x_BTD))
+        if self.conditioned:
+            logits = self.final(x_BTD, c_BC)
+        elif self.tied:
+            dtype = jnp.dtype(self.config.dtype)
+            logits = jnp.dot(self.norm(x_BTD).astype(dtype), self.embed.embedding.T.astype(dtype),
+                             preferred_element_type=jnp.float32)
+        else:
+            logits = self.head(self.norm(x_BTD))
+        if self.shift:  # position i's logits predict token i + 1: read them at i + 1
+            logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
         return logits, new_layers

@@ -4,6 +4,7 @@ Parameters are float32; `dtype` is the compute dtype of the matmuls. Norms, RoPE
 the timestep embedding compute in float32, and the residual stream stays float32.
 """
 
+import dataclasses
 import math
 from typing import Any
 
@@ -33,6 +34,26 @@ class LayerNorm(nn.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm (Llama/Qwen2/LLaDA): x / sqrt(mean(x^2) + eps) * scale. Returns float32."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        return x * jax.lax.rsqrt(jnp.square(x).mean(axis=-1, keepdims=True) + self.eps) * scale
+
+
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}  # `model.norm`
+
+
+def make_norm(kind: str, eps: float, name: str | None = None) -> nn.Module:
+    """The `model.norm` named `kind` with epsilon `eps`."""
+    return NORMS[kind](eps=eps, name=name)
+
+
 class Dense(nn.Module):
     """Linear layer, bias-free by default: float32 parameters, matmul in `dtype` with float32
     accumulation. Returns [..., features] in `out_dtype` (default `dtype`)."""
@@ -53,7 +74,47 @@ class Dense(nn.Module):
         return y.astype(self.out_dtype or self.dtype)
 
 
-def apply_rope(x_BTHD: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic")  # `model.rope_scaling`
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary frequencies: `base` (`model.rope_base`; LLaDA 5e5, Dream/Qwen2 1e6) and an
+    optional scaling for contexts past `original_len` positions (`model.rope_scaling`,
+    `model.rope_factor` s, `model.rope_original_len` L0), as transformers defines them:
+
+    - 'linear' (position interpolation): every frequency divided by s;
+    - 'ntk' (NTK-aware, static): base * s^(D / (D - 2));
+    - 'dynamic' (dynamic NTK): for a call whose largest position + 1 is L > L0,
+      base * (s L / L0 - (s - 1))^(D / (D - 2)); unchanged while L <= L0. With a KV cache
+      each key keeps the frequencies of the call that wrote it (as transformers' cache).
+
+    With s = 1 'linear' and 'ntk' are the unscaled rotation exactly, and 'dynamic' is up to
+    L0 positions.
+    """
+
+    base: float = 10000.0
+    scaling: str = "none"
+    factor: float = 1.0
+    original_len: int = 0
+
+    def inv_freq(self, head_dim: int, positions: jax.Array) -> jax.Array:
+        """float32 [head_dim / 2]: the rotation frequencies for a call at `positions`."""
+        half = head_dim // 2
+        exponent = jnp.arange(half, dtype=jnp.float32) / half
+        base = jnp.float32(self.base)
+        if self.scaling == "ntk":
+            base = base * jnp.float32(self.factor) ** (head_dim / (head_dim - 2))
+        elif self.scaling == "dynamic":
+            length = jnp.max(positions).astype(jnp.float32) + 1.0
+            grown = self.factor * length / self.original_len - (self.factor - 1.0)
+            base = jnp.where(length > self.original_len,
+                             base * grown ** (head_dim / (head_dim - 2)), base)
+        inv_freq = base ** (-exponent)
+        return inv_freq / self.factor if self.scaling == "linear" else inv_freq
+
+
+def apply_rope(x_BTHD: jax.Array, positions: jax.Array, rope: Rope = Rope()) -> jax.Array:
     """Rotary position embedding (rotate-half convention) on [B, T, H, D], D even.
 
     `positions` are integer [B, T] or [T]. Angles and rotation are computed in float32;
@@ -63,7 +124,7 @@ def apply_rope(x_BTHD: jax.Array, positions: jax.Array, base: float = 10000.0) -
     if D % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {D}")
     half = D // 2
-    inv_freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    inv_freq_F = rope.inv_freq(D, positions)
     positions = jnp.asarray(positions, jnp.float32)
     if positions.ndim == 1:
         positions = positions[None]
@@ -102,14 +163,32 @@ class MLP(nn.Module):
     """Bias-free Dense -> GELU (tanh) -> Dense; returns [..., hidden] in `dtype`."""
 
     hidden: int
-    mlp_ratio: int = 4
+    intermediate: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = Dense(self.mlp_ratio * self.hidden, self.dtype, name="fc1")(x)
+        h = Dense(self.intermediate, self.dtype, name="fc1")(x)
         h = nn.gelu(h, approximate=True)
         return Dense(self.hidden, self.dtype, name="fc2")(h)
+
+
+class SwiGLU(nn.Module):
+    """Bias-free gated MLP (Llama/Qwen2/LLaDA): down(silu(gate(x)) * up(x)); returns
+    [..., hidden] in `dtype`."""
+
+    hidden: int
+    intermediate: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = Dense(self.intermediate, self.dtype, name="gate")(x)
+        up = Dense(self.intermediate, self.dtype, name="up")(x)
+        return Dense(self.hidden, self.dtype, name="down")(nn.silu(gate) * up)
+
+
+MLPS = {"gelu": MLP, "swiglu": SwiGLU}  # `model.mlp`
 
 
 def timestep_sinusoidal(t_B: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -137,7 +216,8 @@ LayerCache = tuple[jax.Array, jax.Array]  # (k_BSKD, v_BSKD) of one layer
 
 
 class SelfAttention(nn.Module):
-    """Bias-free q/k/v projections, RoPE on q and k, `attend`, bias-free output projection.
+    """q/k/v projections (biased when `qkv_bias`, as Qwen2/Dream), RoPE on q and k, `attend`,
+    bias-free output projection. Heads are `head_dim` wide (default hidden / heads).
 
     Without a cache, keys are the T inputs themselves. With `layer_cache` (k, v [B, S, K, Dh]),
     the new keys/values are written at slot `q_offset` (static or traced int) and the queries
@@ -150,6 +230,9 @@ class SelfAttention(nn.Module):
     kv_heads: int
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    rope: Rope = Rope()
 
     @nn.compact
     def __call__(
@@ -163,12 +246,13 @@ class SelfAttention(nn.Module):
         layer_cache: LayerCache | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         B, T, _ = x_BTD.shape
-        head_dim = self.hidden // self.heads
-        q_BTHD = Dense(self.heads * head_dim, self.dtype, name="q")(x_BTD)
-        k_BTKD = Dense(self.kv_heads * head_dim, self.dtype, name="k")(x_BTD)
-        v_BTKD = Dense(self.kv_heads * head_dim, self.dtype, name="v")(x_BTD)
-        q_BTHD = apply_rope(q_BTHD.reshape(B, T, self.heads, head_dim), positions)
-        k_BTKD = apply_rope(k_BTKD.reshape(B, T, self.kv_heads, head_dim), positions)
+        head_dim = self.head_dim or self.hidden // self.heads
+        bias = self.qkv_bias
+        q_BTHD = Dense(self.heads * head_dim, self.dtype, use_bias=bias, name="q")(x_BTD)
+        k_BTKD = Dense(self.kv_heads * head_dim, self.dtype, use_bias=bias, name="k")(x_BTD)
+        v_BTKD = Dense(self.kv_heads * head_dim, self.dtype, use_bias=bias, name="v")(x_BTD)
+        q_BTHD = apply_rope(q_BTHD.reshape(B, T, self.heads, head_dim), positions, self.rope)
+        k_BTKD = apply_rope(k_BTKD.reshape(B, T, self.kv_heads, head_dim), positions, self.rope)
         v_BTKD = v_BTKD.reshape(B, T, self.kv_heads, head_dim)
 
         new_cache = None

@@ -10,11 +10,13 @@ import ml_collections
 
 from dlm.models.dit import DiT
 from dlm.models.energy_net import EnergyNet
+from dlm.models.layers import MLPS, NORMS, ROPE_SCALINGS
 from dlm.models.masks import MaskSpec, as_mask_spec
 from dlm.models.transformer import Transformer
 from dlm.registry import Registry
 
-# hidden, layers, heads; micro is the CPU demo, the others follow MDLM.
+# hidden, layers, heads; micro is the CPU demo, the others follow MDLM. model.size 'custom'
+# (an imported network) keeps the config's own hidden/layers/heads.
 SIZES = {
     "micro": (128, 4, 4),
     "tiny": (512, 8, 8),
@@ -27,6 +29,10 @@ MODELS.register("dit", (DiT, str(MaskSpec.full())))
 MODELS.register("transformer", (Transformer, str(MaskSpec.causal())))
 MODELS.register("energy", (EnergyNet, str(MaskSpec.full())))
 DTYPES = ("float32", "bfloat16")
+# The options of the pretrained families; `model_config` holds dlm's own networks' values.
+ARCH_KEYS = ("norm", "norm_eps", "mlp", "mlp_hidden", "head_dim", "qkv_bias", "rope_base",
+             "rope_scaling", "rope_factor", "rope_original_len", "tie_embeddings",
+             "shift_logits")
 ATTENTION_IMPLS = ("xla", "pallas")
 
 
@@ -50,25 +56,60 @@ def model_config(size: str = "small", name: str = "dit") -> ml_collections.Confi
         "dtype": "float32",  # compute dtype; parameters and logits stay float32
         "attention_impl": "xla",
         "mask": default_mask,
+        # The options of the pretrained families (dlm/models/backbone.py); these defaults
+        # are dlm's own networks.
+        "norm": "layernorm",
+        "norm_eps": 1e-5,
+        "mlp": "gelu",
+        "mlp_hidden": 0,  # 0: mlp_ratio * hidden
+        "head_dim": 0,  # 0: hidden / heads
+        "qkv_bias": False,
+        "rope_base": 10000.0,
+        "rope_scaling": "none",
+        "rope_factor": 1.0,
+        "rope_original_len": 0,  # 0: max_len
+        "tie_embeddings": False,
+        "shift_logits": False,
     })
 
 
 def validate_model_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the offending `model.*` key and its allowed values."""
     MODELS.get(config.name)
-    _check_choice("model.size", config.size, SIZES)
+    _check_choice("model.size", config.size, (*SIZES, "custom"))
     _check_choice("model.dtype", config.dtype, DTYPES)
     _check_choice("model.attention_impl", config.attention_impl, ATTENTION_IMPLS)
     for key in ("hidden", "layers", "heads", "kv_heads", "mlp_ratio", "cond_dim"):
         value = config.get(key)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"model.{key} must be a positive int, got {value!r}")
-    if config.hidden % config.heads:
+    _check_choice("model.norm", config.get("norm", "layernorm"), NORMS)
+    _check_choice("model.mlp", config.get("mlp", "gelu"), MLPS)
+    _check_choice("model.rope_scaling", config.get("rope_scaling", "none"), ROPE_SCALINGS)
+    for key in ("mlp_hidden", "head_dim", "rope_original_len"):
+        value = config.get(key, 0)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"model.{key} must be an int >= 0 (0: its default), got {value!r}")
+    for key in ("norm_eps", "rope_base", "rope_factor"):
+        value = config.get(key, 1.0)
+        if not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"model.{key} must be a positive number, got {value!r}")
+    if config.get("rope_scaling", "none") != "none" and config.get("rope_factor", 1.0) < 1:
+        raise ValueError(f"model.rope_factor must be >= 1 with model.rope_scaling "
+                         f"{config.rope_scaling!r}, got {config.rope_factor}")
+    head_dim = config.get("head_dim", 0)
+    if not head_dim and config.hidden % config.heads:
         raise ValueError(f"model.hidden ({config.hidden}) must be divisible by model.heads "
-                         f"({config.heads})")
-    if (config.hidden // config.heads) % 2:
-        raise ValueError(f"model.hidden / model.heads = {config.hidden // config.heads} must be "
-                         "even (RoPE rotates pairs)")
+                         f"({config.heads}), or set model.head_dim")
+    head_dim = head_dim or config.hidden // config.heads
+    if head_dim % 2:
+        raise ValueError(f"the head width {head_dim} (model.head_dim, else model.hidden / "
+                         "model.heads) must be even (RoPE rotates pairs)")
+    if config.name != "transformer":
+        for key in ("tie_embeddings", "shift_logits"):
+            if config.get(key, False):
+                raise ValueError(f"model.{key} applies to model.name 'transformer' (the "
+                                 f"pretrained families' stack), not {config.name!r}")
     if config.heads % config.kv_heads:
         raise ValueError(f"model.kv_heads ({config.kv_heads}) must divide model.heads "
                          f"({config.heads})")

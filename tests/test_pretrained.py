@@ -1,0 +1,328 @@
+"""Pretrained folders (Llama, Qwen2, LLaDA, Dream) against transformers' own modules.
+
+Tiny random models are built by transformers and saved locally; the LLaDA folder renames a
+Llama state dict into LLaDA's names and config keys, the Dream folder is a Qwen2 one with
+Dream's architecture and mask id. LLaDA and Dream attend bidirectionally: transformers runs
+them with an all-zero 4D (additive) attention mask.
+"""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from dlm.export import load_pretrained, pretrained  # noqa: E402
+from dlm.export.convert import model_section  # noqa: E402
+from dlm.models import build_model, model_config  # noqa: E402
+from dlm.models.layers import Rope, apply_rope  # noqa: E402
+
+VOCAB, LENGTH = 61, 12
+TOLERANCE = 1e-5  # max |ours - theirs| / max |theirs|, float32
+
+
+def _common(**overrides):
+    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                **overrides)
+
+
+def _save(model, folder):
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger than transformers' 0.02 init, so the logits are not ~0
+        for p in model.parameters():
+            p.normal_(0.0, 0.3) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrained")
+    llama = _save(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **_common(rope_theta=500000.0))), root / "llama")
+    qwen = _save(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **_common(tie_word_embeddings=True))), root / "qwen2")
+    dream_ref = _save(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **_common(rope_theta=1e6))), root / "dream")
+    config = json.loads((root / "dream" / "config.json").read_text())
+    config.update(architectures=["DreamModel"], model_type="Dream", mask_token_id=VOCAB - 1)
+    (root / "dream" / "config.json").write_text(json.dumps(config))
+    _write_llada(root / "llama", root / "llada")
+    return {"root": root, "llama": llama, "qwen2": qwen, "dream": dream_ref}
+
+
+def _write_llada(llama_dir, out):
+    """A LLaDA-layout folder with the Llama folder's weights under LLaDA's names."""
+    out.mkdir()
+    hf = json.loads((llama_dir / "config.json").read_text())
+    state = load_file(str(llama_dir / "model.safetensors"))
+    renamed = {"model.transformer.wte.weight": state.pop("model.embed_tokens.weight"),
+               "model.transformer.ln_f.weight": state.pop("model.norm.weight"),
+               "model.transformer.ff_out.weight": state.pop("lm_head.weight")}
+    inner = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj",
+             "self_attn.v_proj": "v_proj", "self_attn.o_proj": "attn_out",
+             "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj", "mlp.down_proj": "ff_out",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ff_norm"}
+    for name, array in state.items():
+        _, _, layer, rest = name.split(".", 3)
+        module = rest.rsplit(".", 1)[0]
+        renamed[f"model.transformer.blocks.{layer}.{inner[module]}.weight"] = array
+    save_file(renamed, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LLaDAModelLM"], "d_model": hf["hidden_size"],
+        "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
+        "n_kv_heads": hf["num_key_value_heads"], "mlp_hidden_size": hf["intermediate_size"],
+        "rope_theta": hf["rope_parameters"]["rope_theta"], "rms_norm_eps": hf["rms_norm_eps"],
+        "vocab_size": VOCAB, "embedding_size": VOCAB, "mask_token_id": VOCAB - 1,
+        "max_sequence_length": 64, "weight_tying": False, "block_type": "llama",
+        "layer_norm_type": "rms", "activation_type": "silu", "include_bias": False}))
+
+
+def _tokens(seed=0, batch=2):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, LENGTH)).astype(np.int32)
+
+
+def _ours(folder, tokens, **options):
+    loaded = load_pretrained(folder, **options)
+    apply = jax.jit(lambda p, x: loaded.module.apply({"params": p}, x, train=False))
+    return np.asarray(apply(loaded.params, tokens)), loaded
+
+
+def _theirs(model, tokens, bidirectional=False):
+    with torch.no_grad():
+        ids = torch.from_numpy(tokens).long()
+        mask = torch.zeros(tokens.shape[0], 1, LENGTH, LENGTH) if bidirectional else None
+        return model(ids, attention_mask=mask).logits.numpy()
+
+
+def _rel(ours, theirs):
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_causal_logits_match_transformers(folders, family):
+    ours, loaded = _ours(folders["root"] / family, _tokens())
+    assert loaded.folder.family.process == "ar"
+    assert _rel(ours, _theirs(folders[family], _tokens())) <= TOLERANCE
+    tied = family == "qwen2"
+    assert ("head" in loaded.params) is not tied
+    assert ("bias" in loaded.params["blocks_0"]["attn"]["q"]) is tied  # Qwen2's q/k/v bias
+
+
+def test_llada_layout_is_bidirectional_llama(folders):
+    ours, loaded = _ours(folders["root"] / "llada", _tokens())
+    assert loaded.folder.family.name == "llada" and loaded.folder.mask_id == VOCAB - 1
+    assert loaded.model_config.rope_base == 500000.0
+    theirs = _theirs(folders["llama"], _tokens(), bidirectional=True)
+    assert _rel(ours, theirs) <= TOLERANCE
+    # Bidirectional indeed: the causal logits differ (except at the last position).
+    assert _rel(ours[:, :-1], _theirs(folders["llama"], _tokens())[:, :-1]) > 1e-2
+
+
+def test_dream_logits_are_shifted_bidirectional_qwen2(folders):
+    ours, loaded = _ours(folders["root"] / "dream", _tokens())
+    assert loaded.model_config.shift_logits and loaded.folder.mask_id == VOCAB - 1
+    theirs = _theirs(folders["dream"], _tokens(), bidirectional=True)
+    # Position i reads the prediction made at i - 1 (Dream's own generate shifts the same).
+    assert _rel(ours[:, 1:], theirs[:, :-1]) <= TOLERANCE
+    np.testing.assert_allclose(ours[:, 0], theirs[:, 0], rtol=0, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_sharded_index_and_bfloat16_files(folders, tmp_path):
+    source = folders["root"] / "llama"
+    single, _ = _ours(source, _tokens())
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(source / "config.json", sharded)
+    state = load_file(str(source / "model.safetensors"))
+    names = sorted(state)
+    weight_map = {}
+    for index, part in enumerate((names[::2], names[1::2])):
+        file = f"model-{index + 1:05d}-of-00002.safetensors"
+        save_file({n: state[n] for n in part}, str(sharded / file))
+        weight_map.update(dict.fromkeys(part, file))
+    (sharded / pretrained.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    ours, _ = _ours(sharded, _tokens())
+    np.testing.assert_array_equal(ours, single)
+
+    bf16 = tmp_path / "bf16"
+    folders["llama"].to(torch.bfloat16).save_pretrained(bf16)
+    folders["llama"].to(torch.float32)
+    loaded = load_pretrained(bf16, param_dtype="bfloat16")
+    kernel = loaded.params["blocks_1"]["mlp"]["down"]["kernel"]
+    assert kernel.dtype == jnp.bfloat16
+    expected = state["model.layers.1.mlp.down_proj.weight"].T.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(kernel, np.float32), expected.astype(np.float32))
+
+
+# --- RoPE --------------------------------------------------------------------------------
+
+
+def test_rope_frequencies_follow_their_closed_forms():
+    D, base, s, L0 = 16, 500000.0, 4.0, 32
+    exponent = np.arange(D // 2) / (D // 2)
+    plain = base ** -exponent
+
+    def freq(scaling, positions, factor=s):
+        return np.asarray(Rope(base, scaling, factor, L0).inv_freq(D, jnp.asarray(positions)))
+
+    np.testing.assert_allclose(freq("linear", np.arange(8)), plain / s, rtol=1e-6)
+    np.testing.assert_allclose(freq("ntk", np.arange(8)),
+                               (base * s ** (D / (D - 2))) ** -exponent, rtol=1e-5)
+    np.testing.assert_allclose(freq("dynamic", np.arange(L0)), plain, rtol=1e-6)  # L <= L0
+    L = 100
+    grown = base * (s * L / L0 - (s - 1)) ** (D / (D - 2))
+    np.testing.assert_allclose(freq("dynamic", np.arange(L)), grown ** -exponent, rtol=1e-5)
+    # Factor 1 is the unscaled rotation exactly (dynamic up to L0 positions).
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 40, 2, D)), jnp.float32)
+    plain_rope = apply_rope(x, jnp.arange(40), Rope(base))
+    for scaling in ("linear", "ntk"):
+        np.testing.assert_array_equal(apply_rope(x, jnp.arange(40), Rope(base, scaling, 1.0)),
+                                      plain_rope)
+    np.testing.assert_array_equal(
+        apply_rope(x[:, :L0], jnp.arange(L0), Rope(base, "dynamic", 1.0, L0)), plain_rope[:, :L0])
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_rope_scaling_matches_transformers(tmp_path, kind):
+    # A context of 8 trained positions, run on 12: dynamic NTK has grown its base.
+    config = transformers.LlamaConfig(**{**_common(), "max_position_embeddings": 8},
+                                      rope_scaling={"rope_type": kind, "factor": 3.0})
+    model = _save(transformers.LlamaForCausalLM(config), tmp_path / kind)
+    ours, loaded = _ours(tmp_path / kind, _tokens())
+    assert (loaded.model_config.rope_scaling, loaded.model_config.rope_factor) == (kind, 3.0)
+    assert _rel(ours, _theirs(model, _tokens())) <= TOLERANCE
+
+
+# --- the network options ----------------------------------------------------------------
+
+
+def test_shifted_logits_read_the_previous_position():
+    config = model_config("micro", "transformer")
+    config.update(hidden=16, layers=1, heads=2, kv_heads=2, dropout=0.0, mask="full")
+    plain = build_model(config, VOCAB)
+    tokens = jnp.asarray(_tokens())
+    params = plain.init(jax.random.key(0), tokens)["params"]
+    config.shift_logits = True
+    shifted = build_model(config, VOCAB).apply({"params": params}, tokens)
+    logits = plain.apply({"params": params}, tokens)
+    np.testing.assert_array_equal(shifted[:, 1:], logits[:, :-1])
+    np.testing.assert_array_equal(shifted[:, 0], logits[:, 0])
+
+
+def test_tied_head_is_the_embedding_transposed():
+    config = model_config("micro", "transformer")
+    config.update(hidden=16, layers=1, heads=2, kv_heads=2, dropout=0.0,
+                  tie_embeddings=True, norm="rmsnorm", mlp="swiglu", mlp_hidden=24)
+    module = build_model(config, VOCAB)
+    tokens = jnp.asarray(_tokens())
+    params = module.init(jax.random.key(0), tokens)["params"]
+    assert set(params["blocks_0"]["mlp"]) == {"gate", "up", "down"}
+    untied_config = config.copy_and_resolve_references()
+    untied_config.tie_embeddings = False
+    untied = build_model(untied_config, VOCAB)
+    untied_params = {**params, "head": {"kernel": params["embed"]["embedding"].T}}
+    np.testing.assert_allclose(module.apply({"params": params}, tokens),
+                               untied.apply({"params": untied_params}, tokens),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("norm", "batchnorm", "model.norm"),
+    ("mlp", "relu", "model.mlp"),
+    ("rope_scaling", "yarn", "model.rope_scaling"),
+    ("rope_base", -1.0, "model.rope_base"),
+    ("mlp_hidden", -3, "model.mlp_hidden"),
+    ("head_dim", 7, "model.head_dim"),
+])
+def test_bad_network_options_are_named(key, value, match):
+    config = model_config("micro", "transformer")
+    config[key] = value
+    with pytest.raises(ValueError, match=match):
+        build_model(config, VOCAB)
+
+
+def test_dit_refuses_transformer_only_options_and_export_refuses_new_ones():
+    config = model_config("micro", "dit")
+    config.shift_logits = True
+    with pytest.raises(ValueError, match="model.shift_logits"):
+        build_model(config, VOCAB)
+    config = model_config("micro", "transformer")
+    config.norm = "rmsnorm"
+    with pytest.raises(ValueError, match="model.norm='rmsnorm' cannot be exported"):
+        model_section(config, VOCAB)
+
+
+# --- bad folders -------------------------------------------------------------------------
+
+
+def _copy(folders, family, tmp_path):
+    target = tmp_path / family
+    shutil.copytree(folders["root"] / family, target)
+    return target
+
+
+def _edit_tensors(folder, edit):
+    state = load_file(str(folder / "model.safetensors"))
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_bad_folders_name_the_problem(folders, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        load_pretrained(tmp_path)
+
+    folder = _copy(folders, "llama", tmp_path)
+    _edit_config(folder, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*supported: LlamaForCausalLM"):
+        load_pretrained(folder)
+    _edit_config(folder, architectures=["LlamaForCausalLM"],
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ValueError, match="rope type 'llama3' is not supported"):
+        load_pretrained(folder)
+    _edit_config(folder, rope_scaling=None)
+
+    _edit_tensors(folder, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight is "
+                                         "missing"):
+        load_pretrained(folder)
+    shutil.copy(folders["root"] / "llama" / "model.safetensors", folder)
+    _edit_tensors(folder, lambda s: s.update(
+        {"model.layers.2.mlp.up_proj.weight": np.zeros((40, 32), np.float32)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.2\.mlp\.up_proj"):
+        load_pretrained(folder)
+    shutil.copy(folders["root"] / "llama" / "model.safetensors", folder)
+    _edit_tensors(folder, lambda s: s.update(
+        {"model.layers.0.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)}))
+    with pytest.raises(ValueError, match=r"k_proj\.weight has shape \(32, 32\), expected "
+                                         r"\(16, 32\)"):
+        load_pretrained(folder)
+
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin are pickles, which are "
+                                                "never read"):
+        load_pretrained(folder)
+
+    llada = _copy(folders, "llada", tmp_path)
+    _edit_config(llada, mask_token_id=VOCAB)
+    with pytest.raises(ValueError, match="mask_token_id=61 must be a token id below"):
+        load_pretrained(llada)
+    _edit_config(llada, mask_token_id=VOCAB - 1, include_qkv_bias=True)
+    with pytest.raises(ValueError, match="include_qkv_bias=true is not supported"):
+        load_pretrained(llada)
+    with pytest.raises(ValueError, match="param_dtype='float16'"):
+        load_pretrained(folders["root"] / "llama", param_dtype="float16")
