@@ -49,6 +49,8 @@ def base_config(process: str, model_name: str, size: str) -> ml_collections.Conf
         schedule_power=1.0,
         t_min=1e-3,
         num_timesteps=0,  # 0: continuous-time NELBO; T > 0: the T-step discrete bound
+        mask_id=-1,  # -1: the last id, V - 1, where dlm's tokenizers put the mask; an
+        # imported model sets its own (LLaDA 126336, Dream 151666)
     ))
 
     config.optimizer = ml_collections.ConfigDict(dict(

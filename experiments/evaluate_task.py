@@ -2,7 +2,8 @@ r"""Answers the held-out prompts of a run fine-tuned on prompt/response data and
 
     python -m experiments.evaluate_task --workdir=RUN --sampler=NAME [--task=NAME] \
         [--split=test] [--num_examples=N] [--batch_size=16] [--max_new_tokens=N] \
-        [--length=L] [--steps=S] [--sampler_config.KEY=VALUE ...] [--out=FILE.jsonl]
+        [--length=L] [--steps=S] [--chat] [--model_parallel=N] \
+        [--sampler_config.KEY=VALUE ...] [--out=FILE.jsonl]
 
 Rows of different prompt lengths share each batch (see `dlm.evaluation.answers`). Prints one
 JSON line: `task`, `split`, `sampler`, `num_examples`, `accuracy`, `accuracy_stderr`,
@@ -11,6 +12,8 @@ JSON line: `task`, `split`, `sampler`, `num_examples`, `accuracy`, `accuracy_std
 `seconds`, `compile_seconds`. With `--out`, one JSON line per example (`prompt`, `target`,
 `response`, `extracted`, `correct`, `nfe`, ...). `--task` names the verifier (default: the
 run's data: its generated task, gsm8k, or exact match of a JSONL folder's `answer`).
+`--workdir` may be a pretrained Hugging Face folder: `--task` then names a generated task
+whose examples it answers, `--chat` puts each prompt in the model's chat template.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from dlm.data import tasks
 from dlm.parallel import distributed
 from experiments import cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run trained on prompt/response data.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run trained on prompt/response data, or a "
+                                "pretrained Hugging Face folder (with --task).")
 _SAMPLER = flags.DEFINE_string("sampler", "mdlm", f"One of {', '.join(sampling.SAMPLERS)}.")
 _TASK = flags.DEFINE_string("task", None, f"The verifier, one of {', '.join(tasks.TASKS)} "
                             "(default: the run's data's).")
@@ -41,6 +45,12 @@ _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Checkpoint to load (default: latest).")
 _USE_EMA = flags.DEFINE_bool("use_ema", None,
                              "Use the EMA weights (default: the run's eval.use_ema).")
+_CHAT = flags.DEFINE_bool("chat", False,
+                          "Put the prompt in the tokenizer's chat template (a pretrained "
+                          "instruct model's).")
+_MODEL_PARALLEL = flags.DEFINE_integer(
+    "model_parallel", 1, "Devices per tensor-parallel group (the params' `model` axis; "
+    "batches are split over the rest).")
 flags.mark_flags_as_required(["workdir"])
 distributed.define_flags()
 
@@ -55,7 +65,7 @@ def main(parsed):
         num_examples=_NUM_EXAMPLES.value, batch_size=_BATCH_SIZE.value,
         length=_LENGTH.value, max_new_tokens=_MAX_NEW_TOKENS.value, steps=_STEPS.value,
         overrides=overrides, seed=_SEED.value, checkpoint_step=_CHECKPOINT_STEP.value,
-        use_ema=_USE_EMA.value)
+        use_ema=_USE_EMA.value, chat=_CHAT.value, model_parallel=_MODEL_PARALLEL.value)
     if distributed.is_main_process():
         print(json.dumps(summary))
 

@@ -2,7 +2,8 @@ r"""Samples from a trained run and scores the samples.
 
     python -m experiments.sample --workdir=DIR --sampler=NAME --num_samples=N --length=L \
         [--steps=S] [--prompt=TEXT] [--seed=N] [--judge_workdir=DIR] \
-        [--energy_workdir=DIR] [--sampler_config.KEY=VALUE ...] --out=FILE.jsonl
+        [--energy_workdir=DIR] [--chat] [--model_parallel=N] \
+        [--sampler_config.KEY=VALUE ...] --out=FILE.jsonl
 
 Writes one JSON object per sample (`text`, `tokens` (the whole sequence, prompt included),
 `prompt_tokens`, `nfe`, `seconds`: its batch's sampling time divided by the batch size) and
@@ -11,6 +12,9 @@ prints one summary line (`sampler`, `num_samples`, `tokens_per_second`, `mean_nf
 any option of the sampler (see `dlm.sampling.recipes`), e.g. `--sampler_config.threshold=0.8`.
 An AR run without a prompt starts from the tokenizer's BOS. `--sampler=edlm` needs
 `--energy_workdir`: an AR run (EDLM-AR) or an EDLM-NCE run, with the same tokenizer.
+`--workdir` may be a pretrained Hugging Face folder (Llama, Qwen2, LLaDA, Dream; see
+`dlm.export.pretrained`); `--chat` puts the prompt in its chat template; `--model_parallel=N`
+splits the params over N devices per tensor-parallel group.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from dlm import runs, sampling
 from dlm.parallel import distributed
 from experiments import cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to sample from.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to sample from, or a "
+                                "pretrained Hugging Face folder (Llama, Qwen2, LLaDA, Dream).")
 _SAMPLER = flags.DEFINE_string("sampler", "mdlm", f"One of {', '.join(sampling.SAMPLERS)}.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "How many samples.")
 _LENGTH = flags.DEFINE_integer("length", None,
@@ -43,6 +48,12 @@ _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Checkpoint to load (default: latest).")
 _USE_EMA = flags.DEFINE_bool("use_ema", None,
                              "Sample with the EMA weights (default: the run's eval.use_ema).")
+_CHAT = flags.DEFINE_bool("chat", False,
+                          "Put the prompt in the tokenizer's chat template (a pretrained "
+                          "instruct model's).")
+_MODEL_PARALLEL = flags.DEFINE_integer(
+    "model_parallel", 1, "Devices per tensor-parallel group (the params' `model` axis; "
+    "batches are split over the rest).")
 flags.mark_flags_as_required(["workdir", "out"])
 distributed.define_flags()
 
@@ -56,7 +67,7 @@ def main(parsed):
         length=_LENGTH.value, steps=_STEPS.value, prompt=_PROMPT.value, seed=_SEED.value,
         batch_size=_BATCH_SIZE.value, judge_workdir=_JUDGE.value, overrides=overrides,
         checkpoint_step=_CHECKPOINT_STEP.value, use_ema=_USE_EMA.value,
-        energy_workdir=_ENERGY.value)
+        energy_workdir=_ENERGY.value, chat=_CHAT.value, model_parallel=_MODEL_PARALLEL.value)
     if distributed.is_main_process():
         print(json.dumps(summary))
 

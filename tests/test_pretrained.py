@@ -55,7 +55,31 @@ def folders(tmp_path_factory):
     config.update(architectures=["DreamModel"], model_type="Dream", mask_token_id=VOCAB - 1)
     (root / "dream" / "config.json").write_text(json.dumps(config))
     _write_llada(root / "llama", root / "llada")
+    for family in ("llama", "qwen2", "dream", "llada"):
+        _write_tokenizer(root / family)
     return {"root": root, "llama": llama, "qwen2": qwen, "dream": dream_ref}
+
+
+def _write_tokenizer(folder):
+    """A word-level tokenizer.json over the VOCAB ids ("w0" ... and the specials <s>, </s>)
+    and a tokenizer_config.json naming them, as transformers saves them."""
+    import tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab.update({"<s>": 1, "</s>": 2})
+    del vocab["w1"], vocab["w2"]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+
+
+# A user turn "w5 w7" renders as "<s> w5 w7 w9" (w9 opening the assistant's turn).
+CHAT_TEMPLATE = ("{{ bos_token }} {% for m in messages %}{{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}w9{% endif %}")
 
 
 def _write_llada(llama_dir, out):
@@ -160,6 +184,155 @@ def test_sharded_index_and_bfloat16_files(folders, tmp_path):
     assert kernel.dtype == jnp.bfloat16
     expected = state["model.layers.1.mlp.down_proj.weight"].T.astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(kernel, np.float32), expected.astype(np.float32))
+
+
+# --- sampling on imported models ---------------------------------------------------------
+
+
+def _reference_greedy(model, prompt, new_tokens):
+    """Greedy decoding by full forwards of transformers' model, the last id (which dlm keeps
+    as the never-produced id of a causal LM) excluded."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].clone()
+            logits[VOCAB - 1] = -float("inf")
+            ids.append(int(logits.argmax()))
+    return ids
+
+
+def _draw(folder, name, prompt, length, **options):
+    from dlm import runs, sampling
+
+    run = runs.load_run(folder)
+    sampler = runs.make_sampler(name, overrides=options)
+    drawn = sampling.draw(sampler, run.network, run.params, jax.random.PRNGKey(0),
+                          batch_size=1, length=length, prompt=np.asarray(prompt, np.int32))
+    return np.asarray(drawn.output.tokens_BL[0]).tolist(), int(drawn.output.nfe_B[0]), run
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_ar_sampler_on_an_imported_causal_lm_is_its_greedy_decode(folders, family):
+    prompt = [1, 17, 5, 33]
+    tokens, nfe, run = _draw(folders["root"] / family, "ar", prompt, LENGTH, temperature=0.0)
+    assert run.step == 0 and run.tokenizer.eos_id == 2
+    assert tokens == _reference_greedy(folders[family], prompt, LENGTH - len(prompt))
+
+
+def _reference_llada(model, prompt, gen_length, block_length, steps, mask_id):
+    """LLaDA's low-confidence remasking (its `generate`, temperature 0) by full
+    bidirectional forwards of transformers' model. One departure, which dlm makes too: the
+    mask token is excluded from the prediction and from the confidence's softmax."""
+    x = torch.tensor([list(prompt) + [mask_id] * gen_length])
+    blocks = gen_length // block_length
+    per_block = steps // blocks
+    attention = torch.zeros(1, 1, x.shape[1], x.shape[1])
+    with torch.no_grad():
+        for b in range(blocks):
+            end = len(prompt) + (b + 1) * block_length
+            masked = int((x[0, end - block_length:end] == mask_id).sum())
+            counts = [masked // per_block + (i < masked % per_block) for i in range(per_block)]
+            for count in counts:
+                logits = model(x, attention_mask=attention).logits[0]
+                logits[:, mask_id] = -float("inf")
+                probs = torch.softmax(logits, -1)
+                x0 = probs.argmax(-1)
+                confidence = probs.gather(-1, x0[:, None])[:, 0]
+                confidence[end:] = -float("inf")
+                confidence[x[0] != mask_id] = -float("inf")
+                chosen = torch.topk(confidence, count).indices
+                x[0, chosen] = x0[chosen]
+    return x[0].tolist()
+
+
+def test_llada_sampler_on_an_imported_llada_is_llada_generate(folders):
+    prompt, gen, block, steps = [1, 17, 5, 33], 8, 4, 8
+    tokens, nfe, run = _draw(folders["root"] / "llada", "llada", prompt, len(prompt) + gen,
+                             steps=steps, block_length=block)
+    assert run.network.vocab.mask_id == VOCAB - 1 and nfe == steps
+    expected = _reference_llada(folders["llama"], prompt, gen, block, steps, VOCAB - 1)
+    assert tokens == expected
+
+
+def test_tensor_parallel_equals_one_device(folders):
+    """8 fake CPU devices as model=4 x data=2: the same logits and greedy samples."""
+    from dlm import runs, sampling
+    from dlm.parallel import MODEL_AXIS
+    from dlm.runs import loading
+
+    tokens = _tokens(batch=4)
+    for family, sampler, options in (("llama", "ar", {"temperature": 0.0}),
+                                     ("llada", "llada", {"steps": 8, "block_length": 4})):
+        one = runs.load_run(folders["root"] / family)
+        split = runs.load_run(folders["root"] / family, model_parallel=4)
+        q = split.params["blocks_0"]["attn"]["q"]["kernel"]
+        assert tuple(q.sharding.spec) == (None, MODEL_AXIS) and len(q.addressable_shards) == 8
+        assert q.addressable_shards[0].data.shape == (32, 8)
+        logits = [np.asarray(jax.jit(run.module.apply)({"params": run.params}, tokens))
+                  for run in (one, split)]
+        np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5,
+                                   atol=1e-5 * np.abs(logits[0]).max())
+        drawn = []
+        for run in (one, split):
+            out = sampling.draw(runs.make_sampler(sampler, overrides=options), run.network,
+                                run.params, jax.random.PRNGKey(0), batch_size=4,
+                                length=LENGTH, prompt=np.asarray([1, 17, 5, 33], np.int32),
+                                sharding=loading.batch_sharding(run, 4))
+            drawn.append(np.asarray(out.output.tokens_BL))
+        np.testing.assert_array_equal(drawn[1], drawn[0])
+    with pytest.raises(ValueError, match="model_parallel=3 must be a positive int dividing"):
+        runs.load_run(folders["root"] / "llama", model_parallel=3)
+
+
+def test_chat_prompts_and_task_answers_from_a_pretrained_folder(folders, tmp_path):
+    from dlm import runs
+    from dlm.data import sft, tokenizers
+
+    files = runs.read_run(folders["root"] / "llada")
+    assert sft.chat_prompt(files.tokenizer, "w5 w7").tolist() == [1, 5, 7, 9]
+    plain = tokenizers.CharTokenizer.from_text("ab")
+    with pytest.raises(ValueError, match="--chat needs a chat template"):
+        sft.chat_prompt(plain, "a")
+
+    out = tmp_path / "samples.jsonl"
+    runs.sample_to_file(str(folders["root"] / "llama"), "ar", str(out), num_samples=2,
+                        length=LENGTH, prompt="w5 w7", chat=True,
+                        overrides={"temperature": 0.0})
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["prompt_tokens"] == [1, 5, 7, 9]
+
+    summary = runs.evaluate_task(str(folders["root"] / "llada"), "llada", task="addition",
+                                 num_examples=3, batch_size=3, length=LENGTH,
+                                 max_new_tokens=4, steps=4, chat=True,
+                                 overrides={"block_length": 4})
+    assert summary["task"] == "addition" and summary["num_examples"] == 3
+    assert summary["mean_nfe"] == 4
+    with pytest.raises(ValueError, match="pretrained folder, which has no task data: name one "
+                                         "of the generated tasks with --task"):
+        runs.evaluate_task(str(folders["root"] / "llada"), "llada", num_examples=3)
+    with pytest.raises(ValueError, match="--task must name a generated task"):
+        runs.evaluate_task(str(folders["root"] / "llada"), "llada", task="gsm8k",
+                           num_examples=3)
+
+
+def test_pretrained_tokenizer_reads_the_folder_and_round_trips(folders, tmp_path):
+    from dlm.data.tokenizers import load_tokenizer
+    from dlm.runs import read_run
+
+    files = read_run(folders["root"] / "qwen2")  # config.json names no special ids
+    tokenizer = files.tokenizer
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, 2)
+    assert tokenizer.mask_id == VOCAB - 1 and tokenizer.chat_template == CHAT_TEMPLATE
+    ids = tokenizer.encode("w5 <s> w7")
+    assert ids.tolist() == [5, 1, 7]
+    assert tokenizer.decode([5, 7]) == "w5 w7" and tokenizer.decode([5, 2]) == "w5</s>"
+    assert tokenizer.decode([VOCAB - 1]) == "[MASK]"
+    tokenizer.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.encode("w9 w3").tolist() == [9, 3] and again.mask_id == tokenizer.mask_id
+    llada = read_run(folders["root"] / "llada")
+    assert llada.config.process.mask_id == VOCAB - 1 and llada.process.mask_id == VOCAB - 1
+    assert str(llada.config.model.mask) == "full"
 
 
 # --- RoPE --------------------------------------------------------------------------------
@@ -326,3 +499,12 @@ def test_bad_folders_name_the_problem(folders, tmp_path):
         load_pretrained(llada)
     with pytest.raises(ValueError, match="param_dtype='float16'"):
         load_pretrained(folders["root"] / "llama", param_dtype="float16")
+
+    from dlm.runs import read_run
+
+    (llada / "tokenizer.json").unlink()
+    (llada / "tokenizer.model").write_bytes(b"")
+    _edit_config(llada, include_qkv_bias=False)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json not found.*tokenizer\.model "
+                                                "found"):
+        read_run(llada)

@@ -84,7 +84,7 @@ def toy_run(tmp_path_factory, registered):
 def test_config_validation_knows_the_registered_process(toy_run):
     data_dir, _, _ = toy_run
     config_validation.validate(_config(data_dir))
-    with pytest.raises(ValueError, match="'toy_masked_ce' needs config.model.name='dit'"):
+    with pytest.raises(ValueError, match=r"'toy_masked_ce' needs config.model.name in \['dit'\]"):
         config_validation.validate(_config(data_dir, **{"model.name": "transformer"}))
 
 

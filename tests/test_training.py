@@ -177,13 +177,22 @@ def test_bfloat16_compute_keeps_float32_losses(data_dir):
          r"config.process.name='sedd' is not one of \['mdlm', 'bd3lm', 'ar', 'sdtt', 'edlm_nce'\]"),
     ("data.packing", "zip", r"config.data.packing='zip' is not one of \['wrap', 'pad'\]"),
     ("data.batch_size", 0, "config.data.batch_size=0 must be a positive integer"),
-    ("model.name", "transformer", "config.process.name='mdlm' needs config.model.name='dit'"),
+    ("model.name", "energy",
+     r"config.process.name='mdlm' needs config.model.name in \['dit', 'transformer'\]"),
     ("optimizer.ema_decay", 1.0, r"config.optimizer.ema_decay=1.0 must lie in \[0, 1\)"),
     ("optimizer.grad_accum_steps", 3, "not divisible by config.optimizer.grad_accum_steps=3"),
 ])
 def test_bad_configs_name_the_key(data_dir, key, value, message):
     with pytest.raises(ValueError, match=message):
         config_validation.validate(small_config(data_dir, **{key: value}))
+
+
+def test_masked_diffusion_on_the_transformer_needs_a_full_mask(data_dir):
+    config = small_config(data_dir, **{"model.name": "transformer", "model.mask": "causal"})
+    with pytest.raises(ValueError, match="on model.name 'transformer' needs model.mask='full'"):
+        config_validation.validate(config)
+    config.model.mask = "full"
+    config_validation.validate(config)
 
 
 def test_batch_not_divisible_by_devices_is_refused(data_dir):

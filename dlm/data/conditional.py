@@ -333,12 +333,10 @@ def _task_config(task: str, options, seed: int, counts) -> TaskConfig:
         made = tasks.make_task(task, **_plain(options or {}))
     except ValueError as error:
         raise ValueError(f"data.task / data.task_options: {error}") from None
-    if type(made).generate is tasks.Task.generate:
-        generated = [n for n in tasks.TASKS if tasks.TASKS.get(n).generate is not
-                     tasks.Task.generate]
+    if not tasks.is_generated(made):
         raise ValueError(f"data.task={task!r} is a verifier of file-based data, not a "
-                         f"generated task; generated: {', '.join(generated)} (for files use "
-                         "data.name='jsonl' or 'gsm8k')")
+                         f"generated task; generated: {', '.join(tasks.generated_names())} "
+                         "(for files use data.name='jsonl' or 'gsm8k')")
     options = _plain(made.options())
     settings = {"task": task, "options": options, "seed": int(seed), "examples": counts}
     return TaskConfig(name=f"{_slug(task, 'task')}_{_digest(settings)}", task=task,

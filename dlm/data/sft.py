@@ -56,6 +56,28 @@ def encode_prompt(prompt_ids: np.ndarray, specials: Specials) -> np.ndarray:
     return np.concatenate([[specials.bos], prompt_ids, [specials.sep]]).astype(np.int32)
 
 
+def chat_prompt(tokenizer, text: str) -> np.ndarray:
+    """int32 [P]: `text` as one user turn in the tokenizer's chat template (a pretrained
+    instruct model's, `tokenizers.PretrainedTokenizer.chat_template`), ending where the
+    assistant's answer starts, encoded as the model was trained (no BOS/SEP added: the
+    template holds its own). Rendered by Jinja in a sandbox, as transformers renders it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError("--chat needs a chat template: the tokenizer has none (a pretrained "
+                         "instruct model's tokenizer_config.json holds it)")
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def special(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    rendered = env.from_string(template).render(
+        messages=[{"role": "user", "content": text}], add_generation_prompt=True,
+        bos_token=special(tokenizer.bos_id), eos_token=special(tokenizer.eos_id))
+    return tokenizer.encode(rendered).astype(np.int32)
+
+
 def response_ids(tokens: np.ndarray, prompt_len: int, eos: int) -> np.ndarray:
     """The generated response of a sequence whose first `prompt_len` tokens are the encoded
     prompt: the tokens after it, up to (without) the first EOS."""

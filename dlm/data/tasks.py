@@ -110,6 +110,17 @@ class Task:
 TASKS: Registry[type[Task]] = Registry("task")
 
 
+def is_generated(task: Task | type[Task]) -> bool:
+    """Whether the task draws its own examples (`generate`), rather than verifying files'."""
+    cls = task if isinstance(task, type) else type(task)
+    return cls.generate is not Task.generate
+
+
+def generated_names() -> list[str]:
+    """The registered tasks that generate their examples."""
+    return [name for name in TASKS if is_generated(TASKS.get(name))]
+
+
 def default_options(name: str) -> dict:
     """The options of task ``name`` with their declared defaults (None where the task derives
     one from the other options, as sudoku's ``holes`` from its ``size``)."""

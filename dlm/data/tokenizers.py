@@ -1,9 +1,10 @@
 """Tokenizers: characters, GPT-2's byte-level BPE from local files, and a trained BPE.
 
-Every tokenizer reserves its LAST id for the diffusion mask token: ``mask_id ==
+Every tokenizer dlm trains reserves its LAST id for the diffusion mask token: ``mask_id ==
 vocab_size - 1``, appended after the real vocabulary, so it never collides with a real
-token and ``encode`` never produces it. ``vocab_size`` is therefore the model's embedding
-size. ``decode`` renders the mask id as ``MASK_TEXT`` ("[MASK]").
+token and ``encode`` never produces it. A pretrained model's tokenizer
+(`PretrainedTokenizer`) keeps the model's own ids, its mask id included. Either way ``vocab_size``
+is the model's embedding size. ``decode`` renders the mask id as ``MASK_TEXT`` ("[MASK]").
 
 A tokenizer saves itself to ONE self-contained JSON file (``TOKENIZER_FILE``) in a
 directory; ``load_tokenizer`` restores any kind from it.
@@ -23,7 +24,7 @@ TOKENIZER_FILE = "dlm_tokenizer.json"
 MASK_TEXT = "[MASK]"
 ENDOFTEXT = "<|endoftext|>"
 PAD_TEXT = "<pad>"
-TOKENIZER_KINDS = ("char", "gpt2", "bpe")
+TOKENIZER_KINDS = ("char", "gpt2", "bpe")  # data.tokenizer; saved files may also be "pretrained"
 
 
 class Tokenizer(abc.ABC):
@@ -227,6 +228,62 @@ class _ByteLevelBPE(Tokenizer):
         return cls._from_hf(hf, eos_id=state["eos_id"], pad_id=state["pad_id"])
 
 
+class PretrainedTokenizer(Tokenizer):
+    """A pretrained model's tokenizer (its folder's ``tokenizer.json``) with the model's ids.
+
+    `vocab_size` is the model's embedding size (it may exceed the tokenizer's vocabulary:
+    Qwen2 pads its embedding). The mask id is the model's (LLaDA 126336, Dream 151666); a
+    causal LM has none and gets the last embedding row, which these families leave unused
+    (reserved or padding), as the id no sampler produces. A model without a BOS uses its EOS
+    (as dlm's GPT-2); without a pad, its EOS. Special-token strings in the text (a chat
+    template's ``<|im_start|>``) encode as their ids, as the model was trained.
+    """
+
+    name = "pretrained"
+
+    def __init__(self, hf: hf_tokenizers.Tokenizer, *, vocab_size: int, bos_id: int,
+                 eos_id: int, pad_id: int, mask_id: int, chat_template: str | None = None):
+        self._hf, self._size = hf, int(vocab_size)
+        self._bos, self._eos, self._pad, self._mask = bos_id, eos_id, pad_id, mask_id
+        self.chat_template = chat_template
+        for key, value in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id),
+                           ("mask", mask_id)):
+            if not isinstance(value, int) or not 0 <= value < self._size:
+                raise ValueError(f"the {key} id {value!r} is not a token id below the "
+                                 f"model's vocabulary size {self._size}")
+
+    @property
+    def mask_id(self) -> int:
+        return self._mask
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encodings = self._hf.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def _special_texts(self) -> dict[int, str]:
+        texts = {i: self._hf.id_to_token(i) or f"<{key}>" for key, i in
+                 (("pad", self._pad), ("eos", self._eos), ("bos", self._bos))}
+        return {**texts, self._mask: MASK_TEXT}
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def _state(self) -> dict:
+        return {"hf_tokenizer": json.loads(self._hf.to_str()), "vocab_size": self._size,
+                "bos_id": self._bos, "eos_id": self._eos, "pad_id": self._pad,
+                "mask_id": self._mask, "chat_template": self.chat_template}
+
+    @classmethod
+    def _from_state(cls, state: dict) -> PretrainedTokenizer:
+        hf = hf_tokenizers.Tokenizer.from_str(json.dumps(state["hf_tokenizer"]))
+        return cls(hf, vocab_size=state["vocab_size"], bos_id=state["bos_id"],
+                   eos_id=state["eos_id"], pad_id=state["pad_id"], mask_id=state["mask_id"],
+                   chat_template=state.get("chat_template"))
+
+
 def _byte_level(model) -> hf_tokenizers.Tokenizer:
     hf = hf_tokenizers.Tokenizer(model)
     hf.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -289,6 +346,8 @@ def load_tokenizer(directory) -> Tokenizer:
         return GPT2Tokenizer._from_state(state)
     if kind == "bpe":
         return BPETokenizer._from_state(state)
+    if kind == "pretrained":
+        return PretrainedTokenizer._from_state(state)
     raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; expected one of "
                      f"{TOKENIZER_KINDS}")
 

@@ -41,9 +41,9 @@ class Autoregressive(process.Process):
 
     @classmethod
     def from_config(cls, config, vocab_size: int) -> Autoregressive:
-        """The AR process; the mask id V - 1 gets zero probability."""
-        del config
-        return Autoregressive(mask_id=vocab_size - 1)
+        """The AR process; the mask id (`process.mask_id`, default V - 1) gets zero
+        probability."""
+        return Autoregressive(mask_id=process.mask_id_of(config, vocab_size))
 
     def token_losses(
         self, model_fn: process.ModelFn, batch: process.Batch

@@ -71,7 +71,7 @@ class MaskedDiffusion(process.Process):
 
     Attributes:
       schedule: the noise schedule alpha(t).
-      mask_id: the absorbing token (V - 1).
+      mask_id: the absorbing token (`process.mask_id`; default V - 1).
       t_min: smallest continuous training time (MDLM's sampling_eps).
       num_timesteps: T > 0 for the T-step discrete-time bound, 0 for continuous time.
     """
@@ -81,15 +81,25 @@ class MaskedDiffusion(process.Process):
     t_min: float = 1e-3
     num_timesteps: int = 0
 
-    models: ClassVar[tuple[str, ...]] = ("dit",)
+    # The DiT, or the transformer stack with a bidirectional mask (LLaDA, Dream).
+    models: ClassVar[tuple[str, ...]] = ("dit", "transformer")
     network_kind: ClassVar[str] = "denoiser"
     exportable: ClassVar[bool] = True
     conditional: ClassVar[bool] = True
 
     @classmethod
+    def check_config(cls, config) -> None:
+        model = config.get("model", None)
+        if model is not None and model.get("name") == "transformer" and \
+                str(model.get("mask")) != "full":
+            raise ValueError(f"process.name={config.process.name!r} on model.name "
+                             f"'transformer' needs model.mask='full' (a denoiser sees every "
+                             f"position), got {model.get('mask')!r}")
+
+    @classmethod
     def from_config(cls, config, vocab_size: int) -> MaskedDiffusion:
-        """MDLM of a run config: `process.schedule*`, `t_min`, `num_timesteps`; the mask id is
-        V - 1. Raises ValueError naming the offending key."""
+        """MDLM of a run config: `process.schedule*`, `t_min`, `num_timesteps`, `mask_id`
+        (default V - 1). Raises ValueError naming the offending key."""
         t_min = float(config.process.get("t_min", 1e-3))
         if not 0.0 < t_min < 1.0:
             raise ValueError(f"process.t_min={t_min} must lie in (0, 1)")
@@ -97,8 +107,9 @@ class MaskedDiffusion(process.Process):
         if not isinstance(num_timesteps, int) or num_timesteps < 0:
             raise ValueError(f"process.num_timesteps={num_timesteps!r} must be an int >= 0 "
                              "(0: continuous time)")
-        return MaskedDiffusion(schedule=schedules.make_schedule(config), mask_id=vocab_size - 1,
-                               t_min=t_min, num_timesteps=num_timesteps)
+        return MaskedDiffusion(schedule=schedules.make_schedule(config),
+                               mask_id=process.mask_id_of(config, vocab_size), t_min=t_min,
+                               num_timesteps=num_timesteps)
 
     def sample_times(self, rng: jax.Array, example_id_B: jax.Array, num_examples: int) -> jax.Array:
         """Stratified float32 times t_B: in [t_min, 1], or on {1/T, ..., 1} when T > 0."""

@@ -206,6 +206,19 @@ def exclude_token(logits_BLV: jax.Array, token_id: int) -> jax.Array:
     return jnp.where(is_token_V, -jnp.inf, logits_BLV)
 
 
+def mask_id_of(config, vocab_size: int) -> int:
+    """The mask id of a run config: `process.mask_id`, where -1 (the default, and what a
+    run saved before the key existed reads) is the last id V - 1. ValueError naming the key
+    when it is not a token id."""
+    mask_id = config.process.get("mask_id", -1)
+    if mask_id == -1:
+        return vocab_size - 1
+    if not isinstance(mask_id, int) or isinstance(mask_id, bool) or not 0 <= mask_id < vocab_size:
+        raise ValueError(f"process.mask_id={mask_id!r} must be -1 (the last id) or a token id "
+                         f"below the vocabulary size {vocab_size}")
+    return mask_id
+
+
 def process_class(config) -> type[Process]:
     """The registered class named by `config.process.name` (ValueError listing the names)."""
     return PROCESSES.get(config.process.get("name", None))

@@ -50,26 +50,32 @@ class Layout:
         return tokens_BL, known_BL
 
 
-def encode_prompts(examples: Sequence[Example], tokenizer, length: int) -> list[np.ndarray]:
-    """BOS prompt SEP of each example; ValueError naming the first that leaves no room."""
-    specials = sft.Specials.of(tokenizer)
-    prompts = [sft.encode_prompt(ids, specials)
-               for ids in tokenizer.encode_batch([e.prompt for e in examples])]
+def encode_prompts(examples: Sequence[Example], tokenizer, length: int, *,
+                   chat: bool = False) -> list[np.ndarray]:
+    """BOS prompt SEP of each example (with `chat`, the prompt in the tokenizer's chat
+    template, `sft.chat_prompt`); ValueError naming the first that leaves no room."""
+    if chat:
+        prompts = [sft.chat_prompt(tokenizer, e.prompt) for e in examples]
+    else:
+        specials = sft.Specials.of(tokenizer)
+        prompts = [sft.encode_prompt(ids, specials)
+                   for ids in tokenizer.encode_batch([e.prompt for e in examples])]
     for index, prompt in enumerate(prompts):
         if len(prompt) >= length:
-            raise ValueError(f"example {index}: its prompt is {len(prompt)} tokens with BOS and "
-                             f"SEP, which leaves no room to answer within length={length}")
+            raise ValueError(f"example {index}: its prompt is {len(prompt)} tokens (encoded), "
+                             f"which leaves no room to answer within length={length}")
     return prompts
 
 
 def answer(sampler, network, params, task: Task, examples: Sequence[Example], tokenizer, *,
            layout: Layout, batch_size: int, seed: int = 0, sharding=None,
-           fetch=jax.device_get) -> tuple[list[dict], dict]:
-    """Answers `examples` with `sampler` and scores them. Returns (one row per example,
-    the summary: accuracy and its standard error, NFE, tokens per call, speed)."""
+           fetch=jax.device_get, chat: bool = False) -> tuple[list[dict], dict]:
+    """Answers `examples` with `sampler` and scores them (`chat`: prompts in the chat
+    template). Returns (one row per example, the summary: accuracy and its standard error,
+    NFE, tokens per call, speed)."""
     if not examples:
         raise ValueError("no examples to answer")
-    prompts = encode_prompts(examples, tokenizer, layout.length)
+    prompts = encode_prompts(examples, tokenizer, layout.length, chat=chat)
     rng = jax.random.PRNGKey(seed)
     rows, seconds, compile_seconds = [], 0.0, 0.0
     for index, start in enumerate(range(0, len(examples), batch_size)):

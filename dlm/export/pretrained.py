@@ -338,3 +338,64 @@ def tensors(folder: Folder) -> Iterator[tuple[Path, np.ndarray]]:
 
 # Buffers some checkpoints store beside the parameters (recomputed by dlm).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def is_pretrained_folder(path: str | pathlib.Path) -> bool:
+    """Whether `path` holds a Hugging Face model's config.json (its `architectures`)."""
+    config = pathlib.Path(path).expanduser() / CONFIG_FILE
+    if not config.is_file():
+        return False
+    try:
+        return "architectures" in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_tokenizer(folder: Folder):
+    """The folder's tokenizer (``tokenizer.json``) with the model's special ids: BOS, EOS
+    and pad from config.json (else tokenizer_config.json's tokens), the first EOS when
+    config.json lists several, the mask id of a diffusion family; the chat template of
+    tokenizer_config.json when it has one."""
+    import tokenizers as hf_tokenizers
+
+    from dlm.data.tokenizers import PretrainedTokenizer
+
+    path = folder.path / TOKENIZER_FILE
+    if not path.is_file():
+        others = [p.name for p in (folder.path / "tokenizer.model", folder.path / "vocab.json")
+                  if p.is_file()]
+        extra = f" ({', '.join(others)} found: save the tokenizer with transformers' fast " \
+                "tokenizer to get tokenizer.json)" if others else ""
+        raise FileNotFoundError(f"{path} not found: the tokenizer is read from the "
+                                f"tokenizers library's file{extra}")
+    hf = hf_tokenizers.Tokenizer.from_file(str(path))
+    extra = {}
+    config_path = folder.path / TOKENIZER_CONFIG_FILE
+    if config_path.is_file():
+        extra = json.loads(config_path.read_text())
+
+    def special(key: str) -> int | None:
+        value = folder.hf.get(f"{key}_token_id")
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is None:
+            token = extra.get(f"{key}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            value = hf.token_to_id(token) if token else None
+        return value
+
+    eos = special("eos")
+    if eos is None:
+        raise ValueError(f"{folder.path}: neither config.json nor {TOKENIZER_CONFIG_FILE} "
+                         "names an EOS token")
+    bos, pad = special("bos"), special("pad")
+    vocab_size = folder.model["vocab_size"]
+    mask_id = folder.mask_id if folder.mask_id is not None else vocab_size - 1
+    template = extra.get("chat_template")
+    return PretrainedTokenizer(hf, vocab_size=vocab_size, bos_id=eos if bos is None else bos,
+                               eos_id=eos, pad_id=eos if pad is None else pad, mask_id=mask_id,
+                               chat_template=template if isinstance(template, str) else None)

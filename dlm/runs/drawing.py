@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from dlm import sampling
+from dlm.data import sft
 from dlm.evaluation import generative
 from dlm.parallel import distributed
 from dlm.runs import loading
@@ -77,9 +78,14 @@ def check_length(run: RunFiles, length: int) -> None:
                          f"{block_size}")
 
 
-def prompt_tokens(run: RunFiles, sampler, prompt: str, length: int) -> np.ndarray:
-    """int32 [P]: the encoded prompt (BOS alone for a sampler that needs a prefix, AR)."""
-    tokens = run.tokenizer.encode(prompt) if prompt else np.zeros((0,), np.int32)
+def prompt_tokens(run: RunFiles, sampler, prompt: str, length: int, *, chat: bool = False
+                  ) -> np.ndarray:
+    """int32 [P]: the encoded prompt (BOS alone for a sampler that needs a prefix, AR);
+    with `chat`, the prompt as a user turn of the tokenizer's chat template."""
+    if chat:
+        tokens = sft.chat_prompt(run.tokenizer, prompt)
+    else:
+        tokens = run.tokenizer.encode(prompt) if prompt else np.zeros((0,), np.int32)
     if sampler.rule.uses_prefix and tokens.size == 0:
         tokens = np.array([run.tokenizer.bos_id], np.int32)
     if tokens.size > length:
@@ -89,8 +95,8 @@ def prompt_tokens(run: RunFiles, sampler, prompt: str, length: int) -> np.ndarra
 
 
 def sample(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: str = "",
-           seed: int = 0, batch_size: int = 16, judge: loading.Run | None = None
-           ) -> tuple[list[dict], dict]:
+           seed: int = 0, batch_size: int = 16, judge: loading.Run | None = None,
+           chat: bool = False) -> tuple[list[dict], dict]:
     """Samples and scores. Returns (one record per sample, the summary).
 
     Every batch has the same shape (the last is filled up and trimmed), so the sampler is
@@ -101,7 +107,7 @@ def sample(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: 
     sampling.check_network(sampler, run.network.kind, f"run ({run.workdir})")
     if judge is not None:
         _check_judge(run, judge)
-    prompt_ids = prompt_tokens(run, sampler, prompt, length)
+    prompt_ids = prompt_tokens(run, sampler, prompt, length, chat=chat)
     batch_size = min(batch_size, num_samples)
     drawn = sampling.draw(sampler, run.network, run.params, jax.random.PRNGKey(seed),
                           batch_size=batch_size, length=length, prompt=prompt_ids,
@@ -149,7 +155,8 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
                    length: int | None = None, steps: int | None = None, prompt: str = "",
                    seed: int = 0, batch_size: int = 16, judge_workdir: str | None = None,
                    overrides: dict | None = None, checkpoint_step: int | None = None,
-                   use_ema: bool | None = None, energy_workdir: str | None = None) -> dict:
+                   use_ema: bool | None = None, energy_workdir: str | None = None,
+                   chat: bool = False, model_parallel: int = 1) -> dict:
     """The command line as a function: writes `out` (JSON lines), returns the summary."""
     # Every check that needs no weights comes before loading them.
     sampler = make_sampler(sampler_name, steps, overrides)
@@ -161,14 +168,15 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
     energy_files = read_run(energy_workdir) if energy_workdir else None
     check_compatible(sampler, files, judge_files, energy_files)
     length = length or int(files.config.data.seq_len)
-    prompt_tokens(files, sampler, prompt, length)
+    prompt_tokens(files, sampler, prompt, length, chat=chat)
     check_length(files, length)
-    run = loading.load_run(files, checkpoint_step, use_ema)
+    run = loading.load_run(files, checkpoint_step, use_ema, model_parallel=model_parallel)
     if energy_files is not None:
         run = loading.with_energy(run, loading.load_run(energy_files))
     judge = loading.load_run(judge_files) if judge_files else None
     records, summary = sample(run, sampler, num_samples=num_samples, length=length,
-                              prompt=prompt, seed=seed, batch_size=batch_size, judge=judge)
+                              prompt=prompt, seed=seed, batch_size=batch_size, judge=judge,
+                              chat=chat)
     if distributed.is_main_process():  # every process drew the same samples
         write_json_lines(out, records)
     return summary

@@ -16,7 +16,13 @@ from jax.sharding import PartitionSpec as P
 from dlm import sampling
 from dlm.data import sft
 from dlm.models import registry as model_registry
-from dlm.parallel import DATA_AXIS, make_mesh, state_sharding
+from dlm.parallel import (
+    DATA_AXIS,
+    MODEL_AXIS,
+    make_mesh,
+    state_sharding,
+    tensor_parallel_sharding,
+)
 from dlm.runs import checkpoint as checkpoint_lib
 from dlm.runs.workdir import RunFiles, read_run
 
@@ -34,12 +40,24 @@ class Run(RunFiles):
 
 def _restore_params(files: RunFiles, mesh, step: int | None, *, fsdp: bool
                     ) -> tuple[Any, Any, int]:
-    """(module, {"params", "ema_params"} restored from checkpoint `step`, step)."""
+    """(module, {"params", "ema_params"} restored from checkpoint `step`, step); a
+    pretrained folder's weights (step 0) are read from its safetensors into their shards."""
     config = files.config
     module = model_registry.build_model(config.model, files.tokenizer.vocab_size)
     abstract = jax.eval_shape(functools.partial(
         model_registry.init_params, module, int(config.data.seq_len)), jax.random.PRNGKey(0))
-    shardings = state_sharding(abstract, mesh, fsdp=fsdp)
+    if mesh.shape[MODEL_AXIS] > 1:  # inference split over the model axis
+        shardings = tensor_parallel_sharding(abstract, mesh)
+    else:
+        shardings = state_sharding(abstract, mesh, fsdp=fsdp)
+    if files.pretrained is not None:
+        if step not in (None, 0):
+            raise ValueError(f"{files.workdir} is a pretrained folder: it has no checkpoint "
+                             f"step {step}")
+        from dlm.export import convert
+
+        params = convert.pretrained_params(files.pretrained, shardings=shardings)
+        return module, {"params": params, "ema_params": None}, 0
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, shardings)
     loaded, step = checkpoint_lib.restore_fields(
@@ -47,10 +65,13 @@ def _restore_params(files: RunFiles, mesh, step: int | None, *, fsdp: bool
     return module, loaded, step
 
 
-def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = None) -> Run:
-    """The run (a workdir or its `read_run`) at checkpoint `step` (default: latest), with its
-    EMA weights when it has them and `use_ema` (default: the run's `eval.use_ema`) allows;
-    the params are laid out as in training (`config.fsdp`).
+def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = None, *,
+             model_parallel: int = 1) -> Run:
+    """The run (a workdir, a pretrained folder, or its `read_run`) at checkpoint `step`
+    (default: latest), with its EMA weights when it has them and `use_ema` (default: the
+    run's `eval.use_ema`) allows. The params are laid out as in training (`config.fsdp`),
+    or with `model_parallel` > 1 split over that many devices per `model` group
+    (`parallel.tensor_parallel_sharding`; batches split over the rest).
 
     Raises FileNotFoundError when the workdir, its tokenizer or the checkpoint is missing.
     """
@@ -58,7 +79,7 @@ def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = N
     if not isinstance(files, RunFiles):
         files = read_run(files)
     config = files.config
-    mesh = make_mesh()
+    mesh = make_mesh(model=model_parallel)
     module, loaded, step = _restore_params(files, mesh, step,
                                            fsdp=bool(config.get("fsdp", False)))
     use_ema = config.eval.get("use_ema", True) if use_ema is None else use_ema
@@ -104,6 +125,6 @@ def with_energy(run: Run, energy_run: Run) -> Run:
 
 
 def batch_sharding(run: Run, batch_size: int):
-    """Rows split over the run's devices when they divide the batch, else replicated."""
-    spec = P(DATA_AXIS) if batch_size % run.mesh.size == 0 else P()
+    """Rows split over the run's `data` axis when it divides the batch, else replicated."""
+    spec = P(DATA_AXIS) if batch_size % run.mesh.shape[DATA_AXIS] == 0 else P()
     return NamedSharding(run.mesh, spec)

@@ -5,6 +5,11 @@
     WORKDIR/checkpoints/STEP/  orbax: `state` (the train state) and `data` (iterator positions)
     WORKDIR/metrics.jsonl      one JSON object per log or eval step (process 0)
     WORKDIR/rounds/NAME/       runs of their own kept by processes trained in rounds (SDTT)
+
+Wherever a workdir is read (`read_run`, so sampling, task evaluation and the harness), a
+pretrained Hugging Face folder (`dlm.export.pretrained`: Llama, Qwen2, LLaDA, Dream) may
+stand in for it: its config.json becomes a dlm run config, tokenizer.json its tokenizer,
+and its weights are read from its safetensors instead of a checkpoint.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class RunFiles:
     config: Any  # ml_collections.ConfigDict
     tokenizer: tokenizers.Tokenizer
     process: Any  # dlm.diffusion.process.Process
+    pretrained: Any = None  # a pretrained folder's `dlm.export.pretrained.Folder`, else None
 
     @property
     def network_kind(self) -> str:
@@ -69,6 +75,8 @@ class RunFiles:
 
     def tokenizer_state(self) -> dict:
         """The saved tokenizer file's content, for comparing two runs' tokenizers."""
+        if self.pretrained is not None:
+            return {"kind": self.tokenizer.name, **self.tokenizer._state()}
         path = self.workdir / TOKENIZER_DIR / tokenizers.TOKENIZER_FILE
         return json.loads(path.read_text(encoding="utf-8"))
 
@@ -77,8 +85,46 @@ def read_run(workdir) -> RunFiles:
     """The config, tokenizer and process of the run in `workdir` (FileNotFoundError if a file
     is missing)."""
     workdir = pathlib.Path(workdir).expanduser().resolve()
+    from dlm.export import pretrained
+
+    if pretrained.is_pretrained_folder(workdir):
+        return read_pretrained(workdir)
     config = load_config(workdir)
     tokenizer = tokenizers.load_tokenizer(workdir / TOKENIZER_DIR)
     config.model.vocab_size = tokenizer.vocab_size
     return RunFiles(workdir, config, tokenizer,
                     process_lib.make_process(config, vocab_size=tokenizer.vocab_size))
+
+
+# The training length a pretrained run config records (sampling's default context) when the
+# model's own context is longer.
+PRETRAINED_SEQ_LEN = 4096
+
+
+def pretrained_config(folder) -> ml_collections.ConfigDict:
+    """The dlm run config of a read pretrained folder: its process ('ar' for causal LMs,
+    'mdlm' with the model's mask id for LLaDA and Dream), its transformer, and a training
+    length of its context (at most `PRETRAINED_SEQ_LEN`)."""
+    from configs import common
+    from dlm.export import convert
+
+    config = common.base_config(folder.family.process, "transformer", "micro")
+    config.model = convert.pretrained_model_config(folder)
+    config.model.vocab_size = folder.model["vocab_size"]
+    config.process.mask_id = -1 if folder.mask_id is None else folder.mask_id
+    config.data.seq_len = min(int(folder.model["max_len"]), PRETRAINED_SEQ_LEN)
+    config.optimizer.ema_decay = 0.0
+    config.pretrained = str(folder.path)
+    return config
+
+
+def read_pretrained(path) -> RunFiles:
+    """The RunFiles of a pretrained Hugging Face folder (see the module docstring)."""
+    from dlm.export import pretrained
+
+    folder = pretrained.read_folder(path)
+    tokenizer = pretrained.load_tokenizer(folder)
+    config = pretrained_config(folder)
+    return RunFiles(folder.path.resolve(), config, tokenizer,
+                    process_lib.make_process(config, vocab_size=tokenizer.vocab_size),
+                    pretrained=folder)

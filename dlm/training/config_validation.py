@@ -59,7 +59,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.seq_len={config.data.seq_len} must be at least 2")
     if config.model.name not in process_class.models:
         raise ValueError(f"config.process.name={config.process.name!r} needs "
-                         f"config.model.name={process_class.models[0]!r}, got "
+                         f"config.model.name in {list(process_class.models)}, got "
                          f"{config.model.name!r}")
     process_class.check_config(config)
     accum = config.optimizer.grad_accum_steps
