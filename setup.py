@@ -23,6 +23,9 @@ setuptools.setup(
         "absl-py>=2.1,<3",
         "ml-collections>=1.0,<2",
         "tokenizers>=0.21,<1",
+        # Pretrained folders: their safetensors weights and their Jinja chat templates.
+        "safetensors>=0.4,<1",
+        "jinja2>=3.1,<4",
         "numpy>=1.26,<3",
         "tensorboardX>=2.6,<3",
     ],
