@@ -16,6 +16,8 @@ Suites:
                       `experiments.sdtt_benchmarks`.
   tasks               accuracy against speed of every sampler on SFT runs (MDLM, BD3-LM,
                       AR) of verifiable tasks: see `experiments.task_benchmarks`.
+  pretrained_memory   host memory of loading a ~1 GB pretrained folder: see
+                      `experiments.pretrained_benchmarks`.
 
 Each suite replaces its own section of the file and leaves the others alone; every
 section records the command, the machine and the date. Figures are medians.
@@ -35,7 +37,14 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import block_benchmarks, edlm_benchmarks, report, sdtt_benchmarks, task_benchmarks
+from experiments import (
+    block_benchmarks,
+    edlm_benchmarks,
+    pretrained_benchmarks,
+    report,
+    sdtt_benchmarks,
+    task_benchmarks,
+)
 
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
                             "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost, "
@@ -453,7 +462,8 @@ def main(argv):
               "ladder": lambda c: block_benchmarks.ladder_section(c),
               "bd3lm_cost": lambda c: block_benchmarks.cost_section(c),
               "edlm": edlm_benchmarks.edlm_section,
-              "sdtt": sdtt_benchmarks.sdtt_section, "tasks": task_benchmarks.tasks_section}
+              "sdtt": sdtt_benchmarks.sdtt_section, "tasks": task_benchmarks.tasks_section,
+              "pretrained_memory": pretrained_benchmarks.memory_section}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")

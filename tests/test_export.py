@@ -273,8 +273,11 @@ def test_bad_input_is_reported_clearly(tmp_path):
     edit(architecture="dit")
     with pytest.raises(ValueError, match=r"missing time_embed\.fc1\.weight.*unexpected head"):
         convert.load_export(out)
-    edit(heads=3)
+    edit(heads=3, kv_heads=3, head_dim=0)  # 0: hidden / heads, which must then divide
     with pytest.raises(ValueError, match=r"model\.hidden \(32\) .* model\.heads \(3\)"):
+        convert.load_export(out)
+    edit(head_dim=5)
+    with pytest.raises(ValueError, match=r"model\.head_dim \(5\) must be even"):
         convert.load_export(out)
     config_file.write_text(good_config[:40])
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):

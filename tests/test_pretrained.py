@@ -422,15 +422,39 @@ def test_bad_network_options_are_named(key, value, match):
         build_model(config, VOCAB)
 
 
-def test_dit_refuses_transformer_only_options_and_export_refuses_new_ones():
+def test_dit_refuses_transformer_only_options():
     config = model_config("micro", "dit")
     config.shift_logits = True
     with pytest.raises(ValueError, match="model.shift_logits"):
         build_model(config, VOCAB)
+
+
+def test_the_export_layout_knows_the_defaults_of_the_network_options():
+    from dlm.export import layout
+    from dlm.models.registry import ARCH_KEYS
+
     config = model_config("micro", "transformer")
-    config.norm = "rmsnorm"
-    with pytest.raises(ValueError, match="model.norm='rmsnorm' cannot be exported"):
-        model_section(config, VOCAB)
+    assert set(layout.ARCH_DEFAULTS) == set(ARCH_KEYS)
+    assert {k: config[k] for k in ARCH_KEYS} == layout.ARCH_DEFAULTS
+    assert layout.unusual_options(model_section(config, VOCAB)) == {}
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "qwen2"])
+def test_an_imported_model_round_trips_through_the_export(folders, tmp_path, family):
+    from dlm.export import export_workdir, load_export
+
+    summary = export_workdir(str(folders["root"] / family), tmp_path / family)
+    assert summary["format"] == "safetensors" and summary["step"] == 0
+    exported = load_export(tmp_path / family)
+    imported = load_pretrained(folders["root"] / family)
+    jax.tree.map(np.testing.assert_array_equal, exported.params, imported.params)
+    tokens = jnp.asarray(_tokens())
+    np.testing.assert_array_equal(exported.module.apply({"params": exported.params}, tokens),
+                                  imported.module.apply({"params": imported.params}, tokens))
+    assert exported.process.mask_id == VOCAB - 1
+    assert exported.tokenizer.encode("w5 w7").tolist() == [5, 7]
+    with pytest.raises(ValueError, match="--format=torch describes dlm's own networks"):
+        export_workdir(str(folders["root"] / family), tmp_path / "torch", fmt="torch")
 
 
 # --- bad folders -------------------------------------------------------------------------

@@ -36,13 +36,7 @@ def model_section(model_config, vocab_size: int) -> dict:
     if model_config.name not in _ARCHITECTURE_OF:
         raise ValueError(f"model.name={model_config.name!r} cannot be exported; exportable: "
                          f"{', '.join(_ARCHITECTURE_OF)}")
-    defaults = model_registry.model_config("micro", model_config.name)
-    for key in model_registry.ARCH_KEYS:
-        if model_config.get(key, defaults[key]) != defaults[key]:
-            raise ValueError(f"model.{key}={model_config[key]!r} cannot be exported: the export "
-                             f"layout describes dlm's own networks (model.{key}="
-                             f"{defaults[key]!r})")
-    return {
+    section = {
         "architecture": _ARCHITECTURE_OF[model_config.name],
         "hidden": int(model_config.hidden),
         "layers": int(model_config.layers),
@@ -53,22 +47,25 @@ def model_section(model_config, vocab_size: int) -> dict:
         "vocab_size": int(vocab_size),
         "time_conditioning": bool(model_config.get("time_conditioning", False)),
         "mask": str(model_config.mask),
-        "norm_eps": layout.NORM_EPS,
-        "rope_base": layout.ROPE_BASE,
         "time_frequency_dim": layout.TIME_FREQUENCY_DIM,
         "time_max_period": layout.TIME_MAX_PERIOD,
-        "activation": "gelu_tanh",
         "dtype": "float32",
         "compute_dtype": str(model_config.get("dtype", "float32")),
         "max_len": int(model_config.get("max_len", 1024)),
     }
+    options = {key: model_config.get(key, default)
+               for key, default in layout.ARCH_DEFAULTS.items()}
+    section.update(layout.arch({**section, **options}))
+    section["activation"] = "gelu_tanh" if section["mlp"] == "gelu" else "swiglu_silu"
+    return section
 
 
-def process_section(config) -> dict:
-    """config.json's "process": its name, block size (BD3-LM) and noise schedule."""
+def process_section(config, vocab_size: int) -> dict:
+    """config.json's "process": its name, mask id, block size (BD3-LM) and noise schedule."""
     name = config.process.name
     kind = _exportable(name, "process.name").network_kind
-    section = {"name": name, "block_size": None}
+    section = {"name": name, "block_size": None,
+               "mask_id": process_lib.mask_id_of(config, int(vocab_size))}
     if kind == "block":
         size = config.get("block_size", None) or config.process.get("block_size", None)
         section["block_size"] = int(size)
@@ -134,7 +131,7 @@ def export_config(config, vocab_size: int, tokenizer: tokenizers.Tokenizer | Non
         "format": layout.FORMAT,
         "version": layout.VERSION,
         "model": model_section(config.model, vocab_size),
-        "process": process_section(config),
+        "process": process_section(config, vocab_size),
         "tokenizer": tokenizer_section(tokenizer),
         "seq_len": int(config.data.seq_len),
         "source": {"dlm_version": dlm.__version__, **(source or {})},
@@ -203,13 +200,15 @@ def run_config(export: Mapping[str, Any]) -> ml_collections.ConfigDict:
     else:
         config = common.base_config(name, model["architecture"], "micro")
         config.process.update({k: process[k] for k in _PROCESS_KEYS if k in process})
+        if process.get("mask_id", model["vocab_size"] - 1) != model["vocab_size"] - 1:
+            config.process.mask_id = int(process["mask_id"])
         config.data.seq_len = int(export.get("seq_len") or model.get("max_len", 1024))
     config.model.update({
         "name": model["architecture"], "hidden": model["hidden"], "layers": model["layers"],
         "heads": model["heads"], "kv_heads": model["kv_heads"],
         "mlp_ratio": model["mlp_ratio"], "cond_dim": model["cond_dim"],
         "time_conditioning": bool(model.get("time_conditioning", False)),
-        "attention_impl": "xla"})
+        "attention_impl": "xla", **layout.arch(model)})
     if "mask" in model:
         config.model.mask = model["mask"]
     if process_class.network_kind == "block":

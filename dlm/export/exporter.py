@@ -47,6 +47,10 @@ def export_workdir(workdir, out, fmt: str = "safetensors", *, checkpoint_step: i
     files = workdir_lib.read_run(workdir)
     export_probe = convert.export_config(files.config, files.tokenizer.vocab_size,
                                          files.tokenizer)
+    unusual = layout.unusual_options(export_probe["model"])
+    if fmt != "safetensors" and unusual:
+        raise ValueError(f"--format={fmt} describes dlm's own networks; this one has "
+                         f"{unusual}: use --format=safetensors")
     if fmt == "hf":
         hf.check_causal(export_probe)  # refuse before restoring the checkpoint
     try:

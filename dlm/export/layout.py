@@ -35,6 +35,30 @@ ROPE_BASE = 10000.0
 TIME_FREQUENCY_DIM = 256
 TIME_MAX_PERIOD = 10000.0
 MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "mlp_ratio", "cond_dim", "vocab_size")
+# The options of the pretrained families (dlm/models/backbone.py) with dlm's own networks'
+# values; an export written before they existed has these. `mlp_hidden` and `head_dim` are
+# written resolved (0 would mean mlp_ratio * hidden and hidden / heads).
+ARCH_DEFAULTS = {"norm": "layernorm", "norm_eps": NORM_EPS, "mlp": "gelu", "mlp_hidden": 0,
+                 "head_dim": 0, "qkv_bias": False, "rope_base": ROPE_BASE,
+                 "rope_scaling": "none", "rope_factor": 1.0, "rope_original_len": 0,
+                 "tie_embeddings": False, "shift_logits": False}
+
+
+def arch(model: Mapping[str, Any]) -> dict:
+    """The pretrained-family options of config.json's "model", defaults filled in and the
+    MLP width and head width resolved."""
+    out = {key: model.get(key, default) for key, default in ARCH_DEFAULTS.items()}
+    out["mlp_hidden"] = out["mlp_hidden"] or model["mlp_ratio"] * model["hidden"]
+    out["head_dim"] = out["head_dim"] or model["hidden"] // model["heads"]
+    return out
+
+
+def unusual_options(model: Mapping[str, Any]) -> dict:
+    """The pretrained-family options in which the model differs from dlm's own networks
+    (LayerNorm, GELU, RoPE base 1e4...), which the standalone PyTorch reference and the
+    Starcoder2 conversion describe: {} for those."""
+    plain = arch({**model, **ARCH_DEFAULTS})
+    return {key: value for key, value in arch(model).items() if value != plain[key]}
 
 
 def check_model(model: Mapping[str, Any], source: str = "config.json") -> None:
@@ -46,9 +70,20 @@ def check_model(model: Mapping[str, Any], source: str = "config.json") -> None:
     if model.get("architecture") not in ARCHITECTURES:
         raise ValueError(f"{source}: model.architecture must be one of {ARCHITECTURES}, got "
                          f"{model.get('architecture')!r}")
-    if model["hidden"] % model["heads"] or (model["hidden"] // model["heads"]) % 2:
+    if not model.get("head_dim") and (model["hidden"] % model["heads"]
+                                      or (model["hidden"] // model["heads"]) % 2):
         raise ValueError(f"{source}: model.hidden ({model['hidden']}) must be an even multiple "
                          f"of model.heads ({model['heads']}) per head")
+    head_dim = model.get("head_dim", 0)
+    if not isinstance(head_dim, int) or head_dim < 0 or head_dim % 2:
+        raise ValueError(f"{source}: model.head_dim ({head_dim!r}) must be even (0: hidden / "
+                         "heads)")
+    if model.get("norm", "layernorm") not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"{source}: model.norm must be 'layernorm' or 'rmsnorm', got "
+                         f"{model['norm']!r}")
+    if model.get("mlp", "gelu") not in ("gelu", "swiglu"):
+        raise ValueError(f"{source}: model.mlp must be 'gelu' or 'swiglu', got "
+                         f"{model['mlp']!r}")
     if model["heads"] % model["kv_heads"]:
         raise ValueError(f"{source}: model.kv_heads ({model['kv_heads']}) must divide "
                          f"model.heads ({model['heads']})")
@@ -63,9 +98,13 @@ def parameter_table(model: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...]
     """
     check_model(model)
     D, C, V = model["hidden"], model["cond_dim"], model["vocab_size"]
-    head_dim = D // model["heads"]
-    kv = model["kv_heads"] * head_dim
-    M = model["mlp_ratio"] * D
+    options = arch(model)
+    head_dim, M = options["head_dim"], options["mlp_hidden"]
+    q, kv = model["heads"] * head_dim, model["kv_heads"] * head_dim
+    if options["mlp"] == "swiglu":
+        mlp = [("gate", (M, D)), ("up", (M, D)), ("down", (D, M))]
+    else:
+        mlp = [("fc1", (M, D)), ("fc2", (D, M))]
     rows = [("embed.weight", ("embed", "embedding"), False, (V, D))]
     conditioned = model["architecture"] == "dit"
     if conditioned:
@@ -80,14 +119,19 @@ def parameter_table(model: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...]
         t, f = f"blocks.{i}.", f"blocks_{i}"
         rows += [
             (t + "norm1.weight", (f, "norm1", "scale"), False, (D,)),
-            (t + "attn.q.weight", (f, "attn", "q", "kernel"), True, (D, D)),
+            (t + "attn.q.weight", (f, "attn", "q", "kernel"), True, (q, D)),
             (t + "attn.k.weight", (f, "attn", "k", "kernel"), True, (kv, D)),
             (t + "attn.v.weight", (f, "attn", "v", "kernel"), True, (kv, D)),
-            (t + "attn.out.weight", (f, "attn", "out", "kernel"), True, (D, D)),
-            (t + "norm2.weight", (f, "norm2", "scale"), False, (D,)),
-            (t + "mlp.fc1.weight", (f, "mlp", "fc1", "kernel"), True, (M, D)),
-            (t + "mlp.fc2.weight", (f, "mlp", "fc2", "kernel"), True, (D, M)),
         ]
+        if options["qkv_bias"]:
+            rows += [(t + f"attn.{x}.bias", (f, "attn", x, "bias"), False, (width,))
+                     for x, width in (("q", q), ("k", kv), ("v", kv))]
+        rows += [
+            (t + "attn.out.weight", (f, "attn", "out", "kernel"), True, (D, q)),
+            (t + "norm2.weight", (f, "norm2", "scale"), False, (D,)),
+        ]
+        rows += [(t + f"mlp.{x}.weight", (f, "mlp", x, "kernel"), True, shape)
+                 for x, shape in mlp]
         if conditioned:
             rows += [
                 (t + "adaln.weight", (f, "adaln", "Dense_0", "kernel"), True, (6 * D, C)),
@@ -101,10 +145,9 @@ def parameter_table(model: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...]
             ("final.out.weight", ("final", "out", "kernel"), True, (V, D)),
         ]
     else:
-        rows += [
-            ("norm.weight", ("norm", "scale"), False, (D,)),
-            ("head.weight", ("head", "kernel"), True, (V, D)),
-        ]
+        rows += [("norm.weight", ("norm", "scale"), False, (D,))]
+        if not options["tie_embeddings"]:
+            rows += [("head.weight", ("head", "kernel"), True, (V, D))]
     return rows
 
 
