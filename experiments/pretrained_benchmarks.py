@@ -3,8 +3,8 @@ folder.
 
 A random Llama-layout folder of about 1 GB of float32 weights (`--pretrained_hidden`,
 `--pretrained_layers`; a sharded safetensors index) is written, then loaded by
-`dlm.runs.load_run` in a fresh process, which reports its peak resident memory (ru_maxrss)
-before and after. On a CPU backend the loaded arrays live in host memory too, so the target
+`dlm.runs.load_run` in a fresh process, which reports its resident memory (VmRSS) before
+and its peak resident memory (ru_maxrss) after. On a CPU backend the loaded arrays live in host memory too, so the target
 is peak - before ~= the arrays + one tensor (the largest), not two copies of the model.
 """
 
@@ -72,7 +72,8 @@ import json, resource, sys, time
 import jax
 from dlm import runs
 jax.numpy.zeros(1).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+status = open("/proc/self/status").read().split("VmRSS:")[1].split()
+before = int(status[0]) * 1024  # resident now (kB), not the import's peak
 start = time.perf_counter()
 run = runs.load_run(sys.argv[1])
 jax.block_until_ready(run.params)
@@ -113,10 +114,10 @@ def memory_section(command: str) -> str:
         f"(hidden {_HIDDEN.value}, {_LAYERS.value} layers, vocabulary {_VOCAB}: "
         f"{written['tensors']} float32 tensors in {_SHARDS} safetensors shards, "
         f"{written['bytes'] / gib:.2f} GiB) loaded by `dlm.runs.load_run` in a fresh "
-        "process; peak resident memory (ru_maxrss) before and after. On CPU the loaded "
+        "process; resident memory (VmRSS) before, peak resident memory (ru_maxrss) after. On CPU the loaded "
         "arrays are host memory, so the target is growth = arrays + about one tensor.",
         "",
-        "| arrays GiB | largest tensor GiB | RSS before GiB | peak RSS GiB | growth GiB | "
+        "| arrays GiB | largest tensor GiB | RSS before GiB | peak RSS after GiB | growth GiB | "
         "growth - arrays GiB | load s |",
         "|---|---|---|---|---|---|---|",
         f"| {got['arrays'] / gib:.3f} | {written['largest'] / gib:.3f} | "
