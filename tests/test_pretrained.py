@@ -254,6 +254,27 @@ def test_llada_sampler_on_an_imported_llada_is_llada_generate(folders):
     assert tokens == expected
 
 
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_every_denoiser_sampler_runs_on_an_imported_diffusion_model(folders, family):
+    """With its published defaults (and a few steps): every position decoded, none the mask."""
+    from dlm import runs, sampling
+
+    run = runs.load_run(folders["root"] / family)
+    prompt = np.asarray([1, 17, 5, 33], np.int32)
+    for name in ("mdlm", "ddpm_cache", "first_hitting", "llada", "dream", "fast_dllm"):
+        options = {"steps": 4} if "steps" in sampling.options(name) else {}
+        if name == "llada":
+            options["block_length"] = 4
+        out = sampling.draw(runs.make_sampler(name, overrides=options), run.network,
+                            run.params, jax.random.PRNGKey(1), batch_size=2, length=LENGTH,
+                            prompt=prompt).output
+        tokens = np.asarray(out.tokens_BL)
+        assert (tokens[:, :4] == prompt).all() and not (tokens == VOCAB - 1).any(), name
+    with pytest.raises(ValueError, match="sampler 'ar' cannot sample"):
+        sampling.draw(runs.make_sampler("ar"), run.network, run.params, jax.random.PRNGKey(0),
+                      batch_size=1, length=LENGTH, prompt=prompt)
+
+
 def test_tensor_parallel_equals_one_device(folders):
     """8 fake CPU devices as model=4 x data=2: the same logits and greedy samples."""
     from dlm import runs, sampling
