@@ -25,45 +25,68 @@ _VOCAB = 32000
 _SHARDS = 4
 
 
-def write_random_llama(folder: pathlib.Path, hidden: int, layers: int) -> dict:
-    """A random LlamaForCausalLM folder (float32, `_SHARDS` safetensors files and an index)
-    and a WordLevel tokenizer; returns {tensors, bytes, largest}."""
+def random_hf_config(family: str, hidden: int, layers: int, vocab: int) -> dict:
+    """A config.json of `family` ('llama' or 'llada') at the given sizes (heads of 64)."""
+    heads, inter = max(hidden // 64, 1), int(2.75 * hidden)
+    if family == "llada":
+        return {"architectures": ["LLaDAModelLM"], "d_model": hidden, "n_layers": layers,
+                "n_heads": heads, "n_kv_heads": heads, "mlp_hidden_size": inter,
+                "vocab_size": vocab, "embedding_size": vocab, "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0, "max_sequence_length": 4096,
+                "mask_token_id": vocab - 1, "bos_token_id": 1, "eos_token_id": 2,
+                "weight_tying": False}
+    return {"architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": heads, "intermediate_size": inter, "vocab_size": vocab,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+
+
+# A chat template in the shape of LLaDA's (its special tokens are words of the random vocab).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}w3 {{ m['role'] }} w4 {{ m['content'] }}"
+                 " w5 {% endfor %}{% if add_generation_prompt %}w3 assistant w4 {% endif %}")
+
+
+def write_random_folder(folder: pathlib.Path, family: str, hidden: int, layers: int, *,
+                        vocab: int = _VOCAB, shards: int = _SHARDS, seed: int = 0) -> dict:
+    """A random pretrained folder of `family` (float32, `shards` safetensors files and an
+    index; names and shapes from `dlm.export.pretrained`'s own tables) with a word-level
+    tokenizer ("w0".."wN", <s> = 1, </s> = 2) and a chat template; returns {tensors, bytes,
+    largest}."""
     import numpy as np
     import tokenizers
     from safetensors.numpy import save_file
 
+    from dlm.export import pretrained
+
     folder.mkdir(parents=True, exist_ok=True)
-    heads, inter = hidden // 64, int(2.75 * hidden)
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
-        "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": heads, "intermediate_size": inter, "vocab_size": _VOCAB,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}))
-    shapes = {"model.embed_tokens.weight": (_VOCAB, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (_VOCAB, hidden)}
-    for i in range(layers):
-        t = f"model.layers.{i}."
-        shapes.update({t + "input_layernorm.weight": (hidden,),
-                       t + "post_attention_layernorm.weight": (hidden,),
-                       t + "mlp.gate_proj.weight": (inter, hidden),
-                       t + "mlp.up_proj.weight": (inter, hidden),
-                       t + "mlp.down_proj.weight": (hidden, inter)})
-        shapes.update({t + f"self_attn.{x}_proj.weight": (hidden, hidden) for x in "qkvo"})
-    rng = np.random.default_rng(0)
+    hf = random_hf_config(family, hidden, layers, vocab)
+    (folder / "config.json").write_text(json.dumps(hf))
+    fam = pretrained.FAMILIES[family]
+    model = fam.model(hf, str(folder))
+    layout = pretrained.Folder(folder, fam, hf, model, hf.get("mask_token_id"), {})
+    shapes = {name: layout.expected_shape(path) for name, (path, _) in layout.names().items()}
+    rng = np.random.default_rng(seed)
     names = list(shapes)
     weight_map = {}
-    for s in range(_SHARDS):
-        file = f"model-{s + 1:05d}-of-{_SHARDS:05d}.safetensors"
-        part = names[s::_SHARDS]
-        save_file({n: rng.standard_normal(shapes[n], np.float32) * 0.02 for n in part},
-                  str(folder / file))
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[s::shards]
+        save_file({n: (rng.standard_normal(shapes[n], np.float32) * 0.02 if len(shapes[n]) > 1
+                       else np.ones(shapes[n], np.float32)) for n in part}, str(folder / file))
         weight_map.update(dict.fromkeys(part, file))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    vocab = {f"w{i}": i for i in range(_VOCAB)}
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
-    tokenizer.save(str(folder / "tokenizer.json"))
-    sizes = [int(np.prod(s)) * 4 for s in shapes.values()]
+    (folder / pretrained.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    vocab_map = {f"w{i}": i for i in range(vocab)}
+    vocab_map.update({"<s>": 1, "</s>": 2})
+    del vocab_map["w1"], vocab_map["w2"]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab_map, unk_token="w0"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    tokenizer.save(str(folder / pretrained.TOKENIZER_FILE))
+    (folder / pretrained.TOKENIZER_CONFIG_FILE).write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+    sizes = [int(np.prod(shape)) * 4 for shape in shapes.values()]
     return {"tensors": len(shapes), "bytes": sum(sizes), "largest": max(sizes)}
 
 
@@ -102,7 +125,7 @@ def memory_section(command: str) -> str:
     gib = 2**30
     with tempfile.TemporaryDirectory(prefix="dlm_pretrained_") as tmp:
         folder = pathlib.Path(tmp) / "llama"
-        written = write_random_llama(folder, _HIDDEN.value, _LAYERS.value)
+        written = write_random_folder(folder, "llama", _HIDDEN.value, _LAYERS.value)
         got = measure(folder)
     growth = got["peak"] - got["before"]
     extra = growth - got["arrays"]

@@ -18,7 +18,8 @@ nbclient = pytest.importorskip("nbclient")
 kernelspec = pytest.importorskip("ipykernel.kernelspec")
 
 COLABS = pathlib.Path(__file__).resolve().parents[1] / "colabs"
-NOTEBOOKS = ("quickstart.ipynb", "samplers.ipynb", "block_diffusion.ipynb", "edlm.ipynb")
+NOTEBOOKS = ("quickstart.ipynb", "samplers.ipynb", "block_diffusion.ipynb", "edlm.ipynb",
+             "pretrained.ipynb")
 PARAMETERS = ("TINY", "WORKDIR", "DATA_DIR")
 KERNEL = "dlm-tests"
 

@@ -38,8 +38,8 @@ class Run(RunFiles):
     step: int = -1
 
 
-def _restore_params(files: RunFiles, mesh, step: int | None, *, fsdp: bool
-                    ) -> tuple[Any, Any, int]:
+def _restore_params(files: RunFiles, mesh, step: int | None, *, fsdp: bool,
+                    param_dtype: str | None = None) -> tuple[Any, Any, int]:
     """(module, {"params", "ema_params"} restored from checkpoint `step`, step); a
     pretrained folder's weights (step 0) are read from its safetensors into their shards."""
     config = files.config
@@ -56,7 +56,8 @@ def _restore_params(files: RunFiles, mesh, step: int | None, *, fsdp: bool
                              f"step {step}")
         from dlm.export import convert
 
-        params = convert.pretrained_params(files.pretrained, shardings=shardings)
+        params = convert.pretrained_params(files.pretrained, shardings=shardings,
+                                           param_dtype=param_dtype)
         return module, {"params": params, "ema_params": None}, 0
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, shardings)
@@ -66,12 +67,14 @@ def _restore_params(files: RunFiles, mesh, step: int | None, *, fsdp: bool
 
 
 def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = None, *,
-             model_parallel: int = 1) -> Run:
+             model_parallel: int = 1, param_dtype: str | None = None) -> Run:
     """The run (a workdir, a pretrained folder, or its `read_run`) at checkpoint `step`
     (default: latest), with its EMA weights when it has them and `use_ema` (default: the
     run's `eval.use_ema`) allows. The params are laid out as in training (`config.fsdp`),
     or with `model_parallel` > 1 split over that many devices per `model` group
-    (`parallel.tensor_parallel_sharding`; batches split over the rest).
+    (`parallel.tensor_parallel_sharding`; batches split over the rest). A pretrained
+    folder's weights are float32 unless `param_dtype='bfloat16'` (half the memory of an 8B
+    model; the matmuls run in `model.dtype` either way).
 
     Raises FileNotFoundError when the workdir, its tokenizer or the checkpoint is missing.
     """
@@ -80,8 +83,12 @@ def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = N
         files = read_run(files)
     config = files.config
     mesh = make_mesh(model=model_parallel)
+    if param_dtype is not None and files.pretrained is None:
+        raise ValueError(f"param_dtype applies to pretrained folders; {files.workdir} is a "
+                         "training run (its checkpoint keeps its float32 params)")
     module, loaded, step = _restore_params(files, mesh, step,
-                                           fsdp=bool(config.get("fsdp", False)))
+                                           fsdp=bool(config.get("fsdp", False)),
+                                           param_dtype=param_dtype)
     use_ema = config.eval.get("use_ema", True) if use_ema is None else use_ema
     params = loaded["ema_params"] if use_ema and loaded["ema_params"] is not None \
         else loaded["params"]
@@ -90,8 +97,8 @@ def load_run(workdir_or_files, step: int | None = None, use_ema: bool | None = N
         network = sampling.from_flax(module, files.process, files.tokenizer,
                                      context_len=int(config.data.seq_len),
                                      pad_unattended=sft.pad_unattended(config.data))
-    return Run(files.workdir, config, files.tokenizer, files.process, module=module,
-               network=network, params=params, mesh=mesh, step=int(step))
+    return Run(files.workdir, config, files.tokenizer, files.process, files.pretrained,
+               module=module, network=network, params=params, mesh=mesh, step=int(step))
 
 
 def load_weights(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh, *,
