@@ -4,8 +4,9 @@ folder.
 A random Llama-layout folder of about 1 GB of float32 weights (`--pretrained_hidden`,
 `--pretrained_layers`; a sharded safetensors index) is written, then loaded by
 `dlm.runs.load_run` in a fresh process, which reports its resident memory (VmRSS) before
-and its peak resident memory (ru_maxrss) after. On a CPU backend the loaded arrays live in host memory too, so the target
-is peak - before ~= the arrays + one tensor (the largest), not two copies of the model.
+and its peak resident memory (ru_maxrss) after. On a CPU backend the loaded arrays live in
+host memory too, so the target is peak - before ~= the arrays + one tensor (the largest),
+not two copies of the model.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def memory_section(command: str) -> str:
         f"(hidden {_HIDDEN.value}, {_LAYERS.value} layers, vocabulary {_VOCAB}: "
         f"{written['tensors']} float32 tensors in {_SHARDS} safetensors shards, "
         f"{written['bytes'] / gib:.2f} GiB) loaded by `dlm.runs.load_run` in a fresh "
-        "process; resident memory (VmRSS) before, peak resident memory (ru_maxrss) after. On CPU the loaded "
-        "arrays are host memory, so the target is growth = arrays + about one tensor.",
+        "process; resident memory (VmRSS) before, peak resident memory (ru_maxrss) after. "
+        "On CPU the loaded arrays are host memory, so the target is growth = arrays + about "
+        "one tensor.",
         "",
         "| arrays GiB | largest tensor GiB | RSS before GiB | peak RSS after GiB | growth GiB | "
         "growth - arrays GiB | load s |",
