@@ -2,7 +2,8 @@ r"""Exports a trained run for other frameworks, or imports MDLM weights.
 
     python -m experiments.export --workdir=DIR --out=OUT [--format=safetensors|torch|hf] \
         [--checkpoint_step=N] [--use_ema=false] [--verify=false]
-    python -m experiments.export --mdlm_weights=FILE.safetensors --out=OUT [--heads=N]
+    python -m experiments.export --mdlm_weights=FILE.safetensors|HF_FOLDER --out=OUT [--heads=N] \
+        [--gpt2_dir=DIR]
 
 `safetensors`: OUT/config.json (architecture, process with its block size, tokenizer ids),
 OUT/model.safetensors (PyTorch-style names) and OUT/tokenizer/; `dlm.export.load_export(OUT)`
@@ -28,8 +29,12 @@ _USE_EMA = flags.DEFINE_bool("use_ema", None,
 _VERIFY = flags.DEFINE_bool("verify", True,
                             "Compare the exported model's logits with dlm's (torch, hf).")
 _MDLM = flags.DEFINE_string("mdlm_weights", None,
-                            "Instead of a workdir: a safetensors file of MDLM DIT weights to "
+                            "Instead of a workdir: a safetensors file of MDLM DIT weights, or a "
+                            "Hugging Face folder of the public MDLM / BD3-LM checkpoints, to "
                             "import as a dlm export folder.")
+_GPT2_DIR = flags.DEFINE_string("gpt2_dir", None,
+                                "With --mdlm_weights: GPT-2's encoder.json and vocab.bpe, saved "
+                                "as the import's tokenizer (the public checkpoints' vocabulary).")
 _HEADS = flags.DEFINE_integer("heads", None, "Attention heads of --mdlm_weights (default: "
                               "read from its rotary_emb.inv_freq).")
 flags.mark_flags_as_required(["out"])
@@ -45,8 +50,10 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if _MDLM.value is not None:
-        out = exporter.import_mdlm(_MDLM.value, _OUT.value, heads=_HEADS.value)
-        summary = {"format": "safetensors", "out": str(out), "imported": "mdlm"}
+        out = exporter.import_mdlm(_MDLM.value, _OUT.value, heads=_HEADS.value,
+                                   gpt2_dir=_GPT2_DIR.value)
+        summary = {"format": "safetensors", "out": str(out),
+                   "imported": json.loads((out / "config.json").read_text())["process"]["name"]}
     else:
         summary = exporter.export_workdir(
             _WORKDIR.value, _OUT.value, _FORMAT.value, checkpoint_step=_STEP.value,

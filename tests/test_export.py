@@ -234,11 +234,24 @@ def test_mdlm_layout_imports_exactly(tmp_path):
         with pytest.raises(ValueError, match=match):
             exporter.import_mdlm(state, tmp_path / "bad", **kwargs)
 
-    biased = dict(state, **{"backbone.blocks.1.mlp.0.bias": np.full(128, 0.1, np.float32)})
-    fails(biased, r"blocks\.1\.mlp\.0\.bias is non-zero.*bias-free")
-    fails(dict(state, **{"backbone.output_layer.linear.bias": np.ones(tokenizer.vocab_size,
-                                                                     np.float32)}),
-          r"output_layer\.linear\.bias is non-zero")
+    # Non-zero biases turn on the biased layers: the output bias adds to every logit, an MLP
+    # bias changes them (and the plain layers stay exact when the biases are zero, above).
+    head = np.linspace(-1, 1, tokenizer.vocab_size).astype(np.float32)
+    with_head = exporter.import_mdlm(dict(state, **{"backbone.output_layer.linear.bias": head}),
+                                     tmp_path / "head")
+    shifted = convert.load_export(with_head)
+    assert shifted.export["model"]["head_bias"] and not shifted.export["model"]["mlp_bias"]
+    biased_logits = _logits(shifted.module, shifted.params, tokens_BL[:, :16], t_B)
+    np.testing.assert_allclose(np.asarray(biased_logits) - np.asarray(ours),
+                               np.broadcast_to(head, biased_logits.shape), rtol=0, atol=1e-5)
+    mlp_bias = dict(state, **{"backbone.blocks.1.mlp.0.bias": np.full(128, 0.1, np.float32)})
+    with_mlp = convert.load_export(exporter.import_mdlm(mlp_bias, tmp_path / "mlp"))
+    assert with_mlp.export["model"]["mlp_bias"]
+    np.testing.assert_array_equal(with_mlp.params["blocks_1"]["mlp"]["fc1"]["bias"],
+                                  np.float32(0.1))
+    np.testing.assert_array_equal(with_mlp.params["blocks_0"]["mlp"]["fc2"]["bias"], 0.0)
+    assert not np.allclose(_logits(with_mlp.module, with_mlp.params, tokens_BL[:, :16], t_B),
+                           ours)
     fails(dict(state, **{"backbone.blocks.0.attn_qkv.bias": np.zeros(96, np.float32)}),
           r"no dlm counterpart: \['blocks\.0\.attn_qkv\.bias'\]")
     no_freq = {k: v for k, v in state.items() if "inv_freq" not in k}
@@ -250,6 +263,75 @@ def test_mdlm_layout_imports_exactly(tmp_path):
         from dlm.export import mdlm
 
         mdlm.from_state_dict(state, time_conditioning=True)
+
+
+def test_biased_mlp_is_the_closed_form():
+    from dlm.models.layers import MLP
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    mlp = MLP(8, 12, bias=True)
+    params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                          mlp.init(jax.random.key(0), x)["params"])
+    h = x @ params["fc1"]["kernel"] + params["fc1"]["bias"]
+    gelu = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    expected = gelu @ params["fc2"]["kernel"] + params["fc2"]["bias"]
+    np.testing.assert_allclose(mlp.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bd3lm_hugging_face_folder_imports_with_its_block_size(shared_data, tmp_path):
+    """A folder in the public BD3-LM checkpoints' layout (BD3LMConfig keys, `backbone.`
+    names, the clipped-rate buffers) imports as a bd3lm export with the same logits."""
+    config, tokenizer = _tiny(bd3lm_config)
+    module = build_model(config.model, tokenizer.vocab_size)
+    params = _random_params(module, seed=5)
+    state = _mdlm_state_dict(params, heads=config.model.heads)
+    state.update(sampling_eps_min=np.array(0.3, np.float32),
+                 sampling_eps_max=np.array(0.8, np.float32))
+    folder = tmp_path / "bd3lm-owt-block_size4"
+    folder.mkdir()
+    layout.write_safetensors(folder / "model.safetensors", state)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["BD3LM"], "model_type": "bd3lm", "block_size": 4,
+        "vocab_size": tokenizer.vocab_size, "model_length": 16, "cross_attn": True,
+        "adaln": True, "causal": False, "hidden_dim": config.model.hidden,
+        "cond_dim": config.model.cond_dim, "n_blocks": config.model.layers,
+        "n_heads": config.model.heads, "time_conditioning": False, "var_min": True}))
+    out = exporter.import_mdlm(folder, tmp_path / "imported")
+    loaded = convert.load_export(out)
+    assert loaded.process.block_size == 4
+    np.testing.assert_allclose(loaded.process.clip, (0.3, 0.8), rtol=1e-6)
+    assert loaded.config.data.seq_len == 16
+    tokens_BL, t_B = exporter.parity_inputs(loaded.export)
+    mask = "block_causal:4"
+    np.testing.assert_array_equal(
+        np.asarray(_logits(loaded.module, loaded.params, tokens_BL, t_B, mask=mask)),
+        np.asarray(_logits(module, params, tokens_BL, t_B, mask=mask)))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["BD3LM"],
+                                                    "time_conditioning": True}))
+    with pytest.raises(ValueError, match="time_conditioning=True does not map"):
+        exporter.import_mdlm(folder, tmp_path / "bad")
+
+
+def test_public_mdlm_folder_gets_gpt2_as_its_checkpoint_used_it(shared_data, tmp_path):
+    config, _ = _tiny(mdlm_config)
+    gpt2_vocab = 50258  # GPT-2's 50257 tokens and the mask
+    config.model.update(hidden=16, heads=2, kv_heads=2, layers=1, cond_dim=16)
+    module = build_model(config.model, gpt2_vocab)
+    params = _random_params(module, seed=2)
+    folder = tmp_path / "mdlm-owt"
+    folder.mkdir()
+    layout.write_safetensors(folder / "model.safetensors", _mdlm_state_dict(params, heads=2))
+    (folder / "config.json").write_text(json.dumps(
+        {"architectures": ["MDLM"], "n_heads": 2, "model_length": 32}))
+    out = exporter.import_mdlm(folder, tmp_path / "imported",
+                               gpt2_dir=shared_data / "tokenizers" / "gpt2")
+    loaded = convert.load_export(out)
+    assert type(loaded.process).__name__ == "MaskedDiffusion"
+    tokenizer = loaded.tokenizer
+    assert (tokenizer.vocab_size, tokenizer.mask_id, tokenizer.eos_id) == (50258, 50257, 50256)
+    assert tokenizer.decode(tokenizer.encode("Hello world")) == "Hello world"
+    assert loaded.network().vocab.mask_id == 50257
 
 
 def test_bad_input_is_reported_clearly(tmp_path):

@@ -28,7 +28,8 @@ from dlm.models import masks
 from dlm.models import registry as model_registry
 
 _ARCHITECTURE_OF = {"dit": "dit", "transformer": "transformer"}
-_PROCESS_KEYS = ("schedule", "schedule_eps", "schedule_power", "t_min", "num_timesteps")
+_PROCESS_KEYS = ("schedule", "schedule_eps", "schedule_power", "t_min", "num_timesteps",
+                 "clip_min", "clip_max")
 
 
 def model_section(model_config, vocab_size: int) -> dict:

@@ -129,15 +129,27 @@ def check_parity(out, fmt: str, module, params, export: Mapping[str, Any]) -> di
     return {**logit_errors(theirs, ours), "parity_mask": mask or export["model"]["mask"]}
 
 
-def import_mdlm(source, out, *, heads: int | None = None, seq_len: int = 1024) -> pathlib.Path:
-    """Writes an export folder (config.json, model.safetensors) from MDLM DIT weights.
+def import_mdlm(source, out, *, heads: int | None = None, seq_len: int = 1024,
+                gpt2_dir=None) -> pathlib.Path:
+    """Writes an export folder (config.json, model.safetensors) from MDLM or BD3-LM DiT weights.
 
-    `source` is a safetensors file of an MDLM state dict or a mapping name -> array;
-    `dlm.export.load_export(out)` then gives the dlm DiT. Raises ValueError on anything
-    that does not map exactly (see mdlm.py).
+    `source` is a safetensors file of an MDLM state dict, a mapping name -> array, or a
+    Hugging Face folder of the public MDLM / BD3-LM checkpoints (its config.json gives the
+    heads, the length and, for BD3-LM, the block size and clipped mask rates);
+    `dlm.export.load_export(out)` then gives the dlm DiT. Raises ValueError on anything that
+    does not map exactly (see mdlm.py). With `gpt2_dir` (GPT-2's encoder.json and
+    vocab.bpe), GPT-2's tokenizer is saved beside as the public checkpoints use it: its 50257
+    tokens, EOS as BOS and pad, and the mask as the last id (50257), so that the samplers run
+    on the export.
     """
+    block_size = clip = None
     if isinstance(source, Mapping):
         state, name = source, "the MDLM state dict"
+    elif pathlib.Path(source).expanduser().is_dir():
+        state, options = mdlm.read_hf_folder(source)
+        name = str(source)
+        heads = heads or options["heads"]
+        seq_len, block_size, clip = options["seq_len"], options["block_size"], options["clip"]
     else:
         state, name = layout.read_safetensors(source), str(source)
     model, tensors = mdlm.from_state_dict(state, heads=heads, source=name)
@@ -145,5 +157,20 @@ def import_mdlm(source, out, *, heads: int | None = None, seq_len: int = 1024) -
     out.mkdir(parents=True, exist_ok=True)
     layout.write_safetensors(out / layout.WEIGHTS_FILE, tensors,
                              {"dlm_export_version": str(layout.VERSION), "architecture": "dit"})
-    layout.write_config(out, mdlm.export_config(model, seq_len=seq_len, source=name))
+    export = mdlm.export_config(model, seq_len=seq_len, source=name, block_size=block_size,
+                                clip=clip)
+    if gpt2_dir is not None:
+        from dlm.data import tokenizers
+
+        gpt2 = tokenizers.GPT2Tokenizer(gpt2_dir)
+        vocab = model["vocab_size"]
+        if vocab != gpt2.eos_id + 2:
+            raise ValueError(f"{name}'s embedding has {vocab} rows; GPT-2's {gpt2.eos_id + 1} "
+                             f"tokens and a mask would be {gpt2.eos_id + 2}")
+        tokenizer = tokenizers.PretrainedTokenizer(
+            gpt2._hf, vocab_size=vocab, bos_id=gpt2.eos_id, eos_id=gpt2.eos_id,
+            pad_id=gpt2.eos_id, mask_id=vocab - 1)
+        tokenizer.save(out / layout.TOKENIZER_DIR)
+        export["tokenizer"] = convert.tokenizer_section(tokenizer)
+    layout.write_config(out, export)
     return out

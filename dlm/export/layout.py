@@ -39,9 +39,9 @@ MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "mlp_ratio", "cond_dim", 
 # values; an export written before they existed has these. `mlp_hidden` and `head_dim` are
 # written resolved (0 would mean mlp_ratio * hidden and hidden / heads).
 ARCH_DEFAULTS = {"norm": "layernorm", "norm_eps": NORM_EPS, "mlp": "gelu", "mlp_hidden": 0,
-                 "head_dim": 0, "qkv_bias": False, "rope_base": ROPE_BASE,
-                 "rope_scaling": "none", "rope_factor": 1.0, "rope_original_len": 0,
-                 "tie_embeddings": False, "shift_logits": False}
+                 "mlp_bias": False, "head_bias": False, "head_dim": 0, "qkv_bias": False,
+                 "rope_base": ROPE_BASE, "rope_scaling": "none", "rope_factor": 1.0,
+                 "rope_original_len": 0, "tie_embeddings": False, "shift_logits": False}
 
 
 def arch(model: Mapping[str, Any]) -> dict:
@@ -132,6 +132,9 @@ def parameter_table(model: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...]
         ]
         rows += [(t + f"mlp.{x}.weight", (f, "mlp", x, "kernel"), True, shape)
                  for x, shape in mlp]
+        if options["mlp_bias"]:
+            rows += [(t + f"mlp.{x}.bias", (f, "mlp", x, "bias"), False, shape[:1])
+                     for x, shape in mlp]
         if conditioned:
             rows += [
                 (t + "adaln.weight", (f, "adaln", "Dense_0", "kernel"), True, (6 * D, C)),
@@ -144,10 +147,14 @@ def parameter_table(model: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...]
             ("final.norm.weight", ("final", "norm", "scale"), False, (D,)),
             ("final.out.weight", ("final", "out", "kernel"), True, (V, D)),
         ]
+        if options["head_bias"]:
+            rows += [("final.out.bias", ("final", "out", "bias"), False, (V,))]
     else:
         rows += [("norm.weight", ("norm", "scale"), False, (D,))]
         if not options["tie_embeddings"]:
             rows += [("head.weight", ("head", "kernel"), True, (V, D))]
+            if options["head_bias"]:
+                rows += [("head.bias", ("head", "bias"), False, (V,))]
     return rows
 
 

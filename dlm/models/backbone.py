@@ -11,6 +11,7 @@ serves full, causal and block masks, and `decode` runs a block of tokens against
 The options of the pretrained families (Llama, Qwen2, LLaDA, Dream) are config keys whose
 defaults are dlm's own networks: `model.norm` ('layernorm' | 'rmsnorm') and `norm_eps`;
 `model.mlp` ('gelu' | 'swiglu') of width `mlp_hidden` (0: mlp_ratio * hidden); `qkv_bias`;
+`mlp_bias` and `head_bias` (the public MDLM and BD3-LM DiTs' MLP and output biases);
 `head_dim` (0: hidden / heads); `rope_base` and `rope_scaling` / `rope_factor` /
 `rope_original_len` (`layers.Rope`); `tie_embeddings` (the head is the embedding matrix);
 and `shift_logits` (Dream: position i's logits predict token i + 1 and are shifted right
@@ -48,6 +49,8 @@ class Arch:
     norm_eps: float = 1e-5
     mlp: str = "gelu"
     mlp_hidden: int = 0
+    mlp_bias: bool = False
+    head_bias: bool = False
     head_dim: int = 0
     qkv_bias: bool = False
     rope: Rope = Rope()
@@ -59,6 +62,8 @@ class Arch:
         return cls(norm=get("norm", "layernorm"), norm_eps=float(get("norm_eps", 1e-5)),
                    mlp=get("mlp", "gelu"),
                    mlp_hidden=get("mlp_hidden", 0) or cfg.mlp_ratio * cfg.hidden,
+                   mlp_bias=bool(get("mlp_bias", False)),
+                   head_bias=bool(get("head_bias", False)),
                    head_dim=get("head_dim", 0) or cfg.hidden // cfg.heads,
                    qkv_bias=bool(get("qkv_bias", False)),
                    rope=Rope(base=float(get("rope_base", 10000.0)),
@@ -112,7 +117,8 @@ class Block(nn.Module):
             layer_cache=layer_cache)
         x_BTD = x_BTD + gate_a * drop(h.astype(jnp.float32))
         h = _maybe_modulate(make_norm(arch.norm, arch.norm_eps, "norm2")(x_BTD), shift_m, scale_m)
-        h = MLPS[arch.mlp](self.hidden, arch.mlp_hidden, self.dtype, name="mlp")(h)
+        h = MLPS[arch.mlp](self.hidden, arch.mlp_hidden, self.dtype, arch.mlp_bias,
+                           name="mlp")(h)
         x_BTD = x_BTD + gate_m * drop(h.astype(jnp.float32))
         return x_BTD, new_cache
 
@@ -134,7 +140,8 @@ class FinalLayer(nn.Module):
         shift, scale = AdaLNModulation(2, self.hidden, name="adaln")(c_BC)
         h = modulate(make_norm(self.arch.norm, self.arch.norm_eps, "norm")(x_BTD), shift, scale)
         return Dense(self.vocab_size, self.dtype, out_dtype=jnp.float32,
-                     kernel_init=nn.initializers.zeros, name="out")(h)
+                     use_bias=self.arch.head_bias, kernel_init=nn.initializers.zeros,
+                     name="out")(h)
 
 
 class Backbone(nn.Module):
@@ -164,7 +171,8 @@ class Backbone(nn.Module):
         else:
             self.norm = make_norm(arch.norm, arch.norm_eps)
             if not self.tied:
-                self.head = Dense(self.vocab_size, dtype, out_dtype=jnp.float32)
+                self.head = Dense(self.vocab_size, dtype, out_dtype=jnp.float32,
+                                  use_bias=arch.head_bias)
 
     def __call__(
         self,

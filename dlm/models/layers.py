@@ -160,17 +160,19 @@ class AdaLNModulation(nn.Module):
 
 
 class MLP(nn.Module):
-    """Bias-free Dense -> GELU (tanh) -> Dense; returns [..., hidden] in `dtype`."""
+    """Dense -> GELU (tanh) -> Dense, bias-free unless `bias` (the public MDLM / BD3-LM DiTs
+    have biases); returns [..., hidden] in `dtype`."""
 
     hidden: int
     intermediate: int
     dtype: Dtype = jnp.float32
+    bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = Dense(self.intermediate, self.dtype, name="fc1")(x)
+        h = Dense(self.intermediate, self.dtype, use_bias=self.bias, name="fc1")(x)
         h = nn.gelu(h, approximate=True)
-        return Dense(self.hidden, self.dtype, name="fc2")(h)
+        return Dense(self.hidden, self.dtype, use_bias=self.bias, name="fc2")(h)
 
 
 class SwiGLU(nn.Module):
@@ -180,12 +182,14 @@ class SwiGLU(nn.Module):
     hidden: int
     intermediate: int
     dtype: Dtype = jnp.float32
+    bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = Dense(self.intermediate, self.dtype, name="gate")(x)
-        up = Dense(self.intermediate, self.dtype, name="up")(x)
-        return Dense(self.hidden, self.dtype, name="down")(nn.silu(gate) * up)
+        gate = Dense(self.intermediate, self.dtype, use_bias=self.bias, name="gate")(x)
+        up = Dense(self.intermediate, self.dtype, use_bias=self.bias, name="up")(x)
+        return Dense(self.hidden, self.dtype, use_bias=self.bias, name="down")(
+            nn.silu(gate) * up)
 
 
 MLPS = {"gelu": MLP, "swiglu": SwiGLU}  # `model.mlp`

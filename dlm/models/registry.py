@@ -30,9 +30,9 @@ MODELS.register("transformer", (Transformer, str(MaskSpec.causal())))
 MODELS.register("energy", (EnergyNet, str(MaskSpec.full())))
 DTYPES = ("float32", "bfloat16")
 # The options of the pretrained families; `model_config` holds dlm's own networks' values.
-ARCH_KEYS = ("norm", "norm_eps", "mlp", "mlp_hidden", "head_dim", "qkv_bias", "rope_base",
-             "rope_scaling", "rope_factor", "rope_original_len", "tie_embeddings",
-             "shift_logits")
+ARCH_KEYS = ("norm", "norm_eps", "mlp", "mlp_hidden", "mlp_bias", "head_bias", "head_dim",
+             "qkv_bias", "rope_base", "rope_scaling", "rope_factor", "rope_original_len",
+             "tie_embeddings", "shift_logits")
 ATTENTION_IMPLS = ("xla", "pallas")
 
 
@@ -62,6 +62,8 @@ def model_config(size: str = "small", name: str = "dit") -> ml_collections.Confi
         "norm_eps": 1e-5,
         "mlp": "gelu",
         "mlp_hidden": 0,  # 0: mlp_ratio * hidden
+        "mlp_bias": False,  # biased MLP projections (the public MDLM / BD3-LM DiTs)
+        "head_bias": False,  # a biased output projection (the same)
         "head_dim": 0,  # 0: hidden / heads
         "qkv_bias": False,
         "rope_base": 10000.0,
