@@ -337,6 +337,7 @@ def test_chat_prompts_and_task_answers_from_a_pretrained_folder(folders, tmp_pat
 
 
 def test_pretrained_tokenizer_reads_the_folder_and_round_trips(folders, tmp_path):
+    from dlm.data import sft
     from dlm.data.tokenizers import load_tokenizer
     from dlm.runs import read_run
 
@@ -347,6 +348,8 @@ def test_pretrained_tokenizer_reads_the_folder_and_round_trips(folders, tmp_path
     ids = tokenizer.encode("w5 <s> w7")
     assert ids.tolist() == [5, 1, 7]
     assert tokenizer.decode([5, 7]) == "w5 w7" and tokenizer.decode([5, 2]) == "w5</s>"
+    assert tokenizer.sep_id is None  # prompts are BOS prompt, the response right after
+    assert sft.encode_prompt(ids, sft.Specials.of(tokenizer)).tolist() == [1, 5, 1, 7]
     assert tokenizer.decode([VOCAB - 1]) == "[MASK]"
     tokenizer.save(tmp_path)
     again = load_tokenizer(tmp_path)

@@ -14,8 +14,9 @@ BOS prompt SEP (never corrupted, never scored); ``loss_mask`` 1 on the response,
 with the 'eos' fill, the fill; ``valid`` 1 everywhere but on 'pad' fill.
 
 SEP is the tokenizer's `sep_id` (its BOS where it has no separator of its own: a BOS after
-position 0 can only be the separator). An example longer than L is handled by
-``data.too_long``: 'error' (default; the message gives the count and the longest) or 'drop'
+position 0 can only be the separator). A pretrained model's tokenizer has none (None): its
+prompts are ``BOS prompt`` and the response follows directly, as the model was trained.
+An example longer than L is handled by ``data.too_long``: 'error' (default; the message gives the count and the longest) or 'drop'
 (the count is logged and kept in `dropped`).
 """
 
@@ -41,7 +42,7 @@ def pad_unattended(data_config) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Specials:
     bos: int
-    sep: int
+    sep: int | None
     eos: int
     pad: int
 
@@ -52,8 +53,9 @@ class Specials:
 
 
 def encode_prompt(prompt_ids: np.ndarray, specials: Specials) -> np.ndarray:
-    """int32 [P + 2]: BOS prompt SEP, what a sampler conditions on."""
-    return np.concatenate([[specials.bos], prompt_ids, [specials.sep]]).astype(np.int32)
+    """int32 [P + 2]: BOS prompt SEP, what a sampler conditions on ([P + 1] without a SEP)."""
+    sep = [] if specials.sep is None else [specials.sep]
+    return np.concatenate([[specials.bos], prompt_ids, sep]).astype(np.int32)
 
 
 def chat_prompt(tokenizer, text: str) -> np.ndarray:
@@ -106,7 +108,9 @@ class PromptResponseSequences:
             raise ValueError(f"data.too_long={too_long!r}; allowed: {', '.join(TOO_LONG)}")
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        lengths = np.asarray([len(p) + len(r) + 3 for p, r in zip(prompts, responses)], np.int64)
+        extra = 2 + (specials.sep is not None)  # BOS, (SEP,) EOS
+        lengths = np.asarray([len(p) + len(r) + extra for p, r in zip(prompts, responses)],
+                             np.int64)
         over = np.flatnonzero(lengths > seq_len)
         if len(over) and too_long == "error":
             raise ValueError(

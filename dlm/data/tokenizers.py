@@ -256,6 +256,11 @@ class PretrainedTokenizer(Tokenizer):
     def mask_id(self) -> int:
         return self._mask
 
+    @property
+    def sep_id(self) -> None:
+        """None: the model was not trained with a separator; a response follows its prompt."""
+        return None
+
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
