@@ -16,8 +16,8 @@ with the 'eos' fill, the fill; ``valid`` 1 everywhere but on 'pad' fill.
 SEP is the tokenizer's `sep_id` (its BOS where it has no separator of its own: a BOS after
 position 0 can only be the separator). A pretrained model's tokenizer has none (None): its
 prompts are ``BOS prompt`` and the response follows directly, as the model was trained.
-An example longer than L is handled by ``data.too_long``: 'error' (default; the message gives the count and the longest) or 'drop'
-(the count is logged and kept in `dropped`).
+An example longer than L is handled by ``data.too_long``: 'error' (default; the message
+gives the count and the longest) or 'drop' (the count is logged and kept in `dropped`).
 """
 
 from __future__ import annotations
