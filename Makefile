@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= /tmp/dlm_demo
 
-.PHONY: demo test lint
+.PHONY: demo test test-slow lint
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 --durations=15
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -m slow --durations=10
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check --fix .

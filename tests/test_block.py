@@ -173,6 +173,7 @@ def test_bad_bd3lm_configs_name_the_key(data_dir, key, value, message):
         process.make_process(_bd3_config(data_dir, **{key: value}), vocab_size=VOCAB)
 
 
+@pytest.mark.slow  # run by .ci/run after `make test` (make test-slow)
 def test_train_searches_the_clip_checkpoints_it_and_evaluates(data_dir, tmp_path):
     config = _bd3_config(data_dir, total_steps=4, eval_every=2, checkpoint_every=2)
     final = trainer.train(config, tmp_path / "run")

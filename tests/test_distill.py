@@ -219,6 +219,7 @@ def _sdtt_config(teacher_run, **overrides):
     return small_config(data_dir, sdtt, **settings)
 
 
+@pytest.mark.slow  # run by .ci/run after `make test` (make test-slow)
 def test_rounds_survive_a_checkpoint_in_the_middle_of_a_round(teacher_run, tmp_path):
     """Train steps through the real step function: the first teacher is the MDLM run's
     weights, the teacher becomes the student's EMA every 2 steps, and 3 steps + checkpoint +

@@ -163,6 +163,7 @@ def test_two_processes_equal_one_process(reference):
     assert list(data_two.values()) == [data_one["process_0-of-1.json"]] * 2
 
 
+@pytest.mark.slow  # run by .ci/run after `make test` (make test-slow)
 def test_sigterm_to_one_process_saves_together_and_resumes_the_same_curve(reference):
     root, data_dir, one = reference
     workdir = root / "sigterm_one"

@@ -94,7 +94,11 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+# The EDLM notebook trains four runs (about two minutes): in .ci/run's slow pass.
+RUN = [pytest.param(n, marks=pytest.mark.slow) if n == "edlm.ipynb" else n for n in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("name", RUN)
 def test_tiny_notebook_runs_top_to_bottom(name, tmp_path, kernel_dir, data_dir, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join(
         [str(kernel_dir), *filter(None, [os.environ.get("JUPYTER_PATH")])]))

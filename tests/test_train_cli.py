@@ -26,6 +26,7 @@ def _command(workdir, data_dir, total_steps, config="configs/mdlm.py:micro", **e
             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
+@pytest.mark.slow  # run by .ci/run after `make test` (make test-slow)
 def test_sigkill_mid_run_then_resume_continues_the_same_losses(tmp_path):
     data_dir = str(tmp_path / "tfds")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
