@@ -51,14 +51,14 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}w3 {{ m['role'] }} w4 {{
 def write_random_folder(folder: pathlib.Path, family: str, hidden: int, layers: int, *,
                         vocab: int = _VOCAB, shards: int = _SHARDS, seed: int = 0) -> dict:
     """A random pretrained folder of `family` (float32, `shards` safetensors files and an
-    index; names and shapes from `dlm.export.pretrained`'s own tables) with a word-level
+    index; names and shapes from `dlm.runs.pretrained`'s own tables) with a word-level
     tokenizer ("w0".."wN", <s> = 1, </s> = 2) and a chat template; returns {tensors, bytes,
     largest}."""
     import numpy as np
     import tokenizers
     from safetensors.numpy import save_file
 
-    from dlm.export import pretrained
+    from dlm.runs import pretrained
 
     folder.mkdir(parents=True, exist_ok=True)
     hf = random_hf_config(family, hidden, layers, vocab)

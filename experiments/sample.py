@@ -13,7 +13,7 @@ any option of the sampler (see `dlm.sampling.recipes`), e.g. `--sampler_config.t
 An AR run without a prompt starts from the tokenizer's BOS. `--sampler=edlm` needs
 `--energy_workdir`: an AR run (EDLM-AR) or an EDLM-NCE run, with the same tokenizer.
 `--workdir` may be a pretrained Hugging Face folder (Llama, Qwen2, LLaDA, Dream; see
-`dlm.export.pretrained`); `--chat` puts the prompt in its chat template; `--model_parallel=N`
+`dlm.runs.pretrained`); `--chat` puts the prompt in its chat template; `--model_parallel=N`
 splits the params over N devices per tensor-parallel group.
 """
 

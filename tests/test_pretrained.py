@@ -18,10 +18,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from dlm.export import load_pretrained, pretrained  # noqa: E402
 from dlm.export.convert import model_section  # noqa: E402
 from dlm.models import build_model, model_config  # noqa: E402
 from dlm.models.layers import Rope, apply_rope  # noqa: E402
+from dlm.runs import pretrained  # noqa: E402
+from dlm.runs.pretrained import load_pretrained  # noqa: E402
 
 VOCAB, LENGTH = 61, 12
 TOLERANCE = 1e-5  # max |ours - theirs| / max |theirs|, float32

@@ -4,8 +4,7 @@
     torch_reference.py standalone PyTorch DiT and causal transformer (torch only)
     hf.py              the causal transformer as transformers' Starcoder2ForCausalLM
     mdlm.py            weights in the public MDLM DIT layout -> dlm names (numpy)
-    pretrained.py      Hugging Face Llama/Qwen2/LLaDA/Dream folders -> dlm names (numpy)
-    convert.py         Flax parameters <-> tensors; an export or pretrained folder into dlm (JAX)
+    convert.py         Flax parameters <-> tensors; an export folder back into dlm (JAX)
     exporter.py        export_workdir (experiments.export), import_mdlm (JAX)
 
 Importing this package does not import JAX, torch or transformers; `torch_reference` needs
@@ -18,8 +17,6 @@ _LAZY = {
     "FORMATS": "dlm.export.exporter",
     "load_export": "dlm.export.convert",
     "Exported": "dlm.export.convert",
-    "load_pretrained": "dlm.export.convert",
-    "Pretrained": "dlm.export.convert",
 }
 
 

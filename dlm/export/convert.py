@@ -7,7 +7,6 @@ parameter tree, so the logits are bit-identical; layout.py defines the names and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 import shutil
@@ -15,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -24,7 +22,6 @@ import dlm
 from dlm.data import sft, tokenizers
 from dlm.diffusion import process as process_lib
 from dlm.export import hf, layout
-from dlm.models import masks
 from dlm.models import registry as model_registry
 
 _ARCHITECTURE_OF = {"dit": "dit", "transformer": "transformer"}
@@ -243,59 +240,3 @@ def load_export(directory) -> Exported:
     params = from_tensors(tensors, export["model"], str(weights_file))
     process = process_lib.make_process(config, vocab_size=vocab_size)
     return Exported(export, config, module, params, tokenizer, process)
-
-
-@dataclasses.dataclass(frozen=True)
-class Pretrained:
-    """A pretrained Hugging Face folder (`pretrained.py`) loaded into dlm's transformer."""
-
-    folder: Any  # pretrained.Folder: family, config.json, mask id
-    model_config: Any  # ml_collections.ConfigDict: config.model of the network
-    module: Any  # flax.linen.Module
-    params: Any
-
-
-def pretrained_model_config(folder) -> ml_collections.ConfigDict:
-    """config.model of dlm's transformer for a read pretrained folder (`pretrained.Folder`):
-    causal families keep the causal mask, LLaDA and Dream attend bidirectionally."""
-    config = model_registry.model_config("micro", "transformer")
-    model = {k: v for k, v in folder.model.items() if k != "vocab_size"}
-    config.update(model, size="custom", dropout=0.0)
-    if folder.family.process == "mdlm":
-        config.mask = str(masks.MaskSpec.full())
-    return config
-
-
-def pretrained_params(folder, *, param_dtype: str | None = None, shardings=None) -> dict:
-    """The folder's weights as dlm's parameter tree, read one tensor at a time and each put
-    straight onto its device(s): `shardings` (a tree of `jax.sharding.Sharding` in the
-    params' structure; default: the default device). `param_dtype` 'float32' (default) or
-    'bfloat16'."""
-    from dlm.export import pretrained
-
-    dtype = jnp.dtype(param_dtype or "float32")
-    if dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"param_dtype={param_dtype!r}; allowed: float32, bfloat16")
-    params: dict = {}
-    for path, array in pretrained.tensors(folder):
-        sharding = None
-        if shardings is not None:
-            sharding = functools.reduce(lambda node, key: node[key], path, shardings)
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jax.device_put(np.asarray(array).astype(dtype, copy=False), sharding)
-    return params
-
-
-def load_pretrained(directory, *, param_dtype: str | None = None) -> Pretrained:
-    """A Llama / Qwen2 / LLaDA / Dream folder as dlm's transformer with the folder's weights
-    (`param_dtype`: 'float32' or 'bfloat16' to cast them to, default float32). Raises
-    FileNotFoundError / ValueError naming the file, key or tensor."""
-    from dlm.export import pretrained
-
-    folder = pretrained.read_folder(directory)
-    config = pretrained_model_config(folder)
-    module = model_registry.build_model(config, folder.model["vocab_size"])
-    return Pretrained(folder, config, module,
-                      pretrained_params(folder, param_dtype=param_dtype))

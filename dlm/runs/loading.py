@@ -24,6 +24,7 @@ from dlm.parallel import (
     tensor_parallel_sharding,
 )
 from dlm.runs import checkpoint as checkpoint_lib
+from dlm.runs import pretrained
 from dlm.runs.workdir import RunFiles, read_run
 
 
@@ -54,10 +55,8 @@ def _restore_params(files: RunFiles, mesh, step: int | None, *, fsdp: bool,
         if step not in (None, 0):
             raise ValueError(f"{files.workdir} is a pretrained folder: it has no checkpoint "
                              f"step {step}")
-        from dlm.export import convert
-
-        params = convert.pretrained_params(files.pretrained, shardings=shardings,
-                                           param_dtype=param_dtype)
+        params = pretrained.params(files.pretrained, shardings=shardings,
+                                   param_dtype=param_dtype)
         return module, {"params": params, "ema_params": None}, 0
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, shardings)

@@ -7,7 +7,7 @@
     WORKDIR/rounds/NAME/       runs of their own kept by processes trained in rounds (SDTT)
 
 Wherever a workdir is read (`read_run`, so sampling, task evaluation and the harness), a
-pretrained Hugging Face folder (`dlm.export.pretrained`: Llama, Qwen2, LLaDA, Dream) may
+pretrained Hugging Face folder (`dlm.runs.pretrained`: Llama, Qwen2, LLaDA, Dream) may
 stand in for it: its config.json becomes a dlm run config, tokenizer.json its tokenizer,
 and its weights are read from its safetensors instead of a checkpoint.
 """
@@ -24,6 +24,7 @@ import ml_collections
 
 from dlm.data import tokenizers
 from dlm.diffusion import process as process_lib
+from dlm.runs import pretrained
 
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -60,7 +61,7 @@ class RunFiles:
     config: Any  # ml_collections.ConfigDict
     tokenizer: tokenizers.Tokenizer
     process: Any  # dlm.diffusion.process.Process
-    pretrained: Any = None  # a pretrained folder's `dlm.export.pretrained.Folder`, else None
+    pretrained: Any = None  # a pretrained folder's `dlm.runs.pretrained.Folder`, else None
 
     @property
     def network_kind(self) -> str:
@@ -85,8 +86,6 @@ def read_run(workdir) -> RunFiles:
     """The config, tokenizer and process of the run in `workdir` (FileNotFoundError if a file
     is missing)."""
     workdir = pathlib.Path(workdir).expanduser().resolve()
-    from dlm.export import pretrained
-
     if pretrained.is_pretrained_folder(workdir):
         return read_pretrained(workdir)
     config = load_config(workdir)
@@ -106,10 +105,9 @@ def pretrained_config(folder) -> ml_collections.ConfigDict:
     'mdlm' with the model's mask id for LLaDA and Dream), its transformer, and a training
     length of its context (at most `PRETRAINED_SEQ_LEN`)."""
     from configs import common
-    from dlm.export import convert
 
     config = common.base_config(folder.family.process, "transformer", "micro")
-    config.model = convert.pretrained_model_config(folder)
+    config.model = pretrained.model_config(folder)
     config.model.vocab_size = folder.model["vocab_size"]
     config.process.mask_id = -1 if folder.mask_id is None else folder.mask_id
     config.data.seq_len = min(int(folder.model["max_len"]), PRETRAINED_SEQ_LEN)
@@ -120,8 +118,6 @@ def pretrained_config(folder) -> ml_collections.ConfigDict:
 
 def read_pretrained(path) -> RunFiles:
     """The RunFiles of a pretrained Hugging Face folder (see the module docstring)."""
-    from dlm.export import pretrained
-
     folder = pretrained.read_folder(path)
     tokenizer = pretrained.load_tokenizer(folder)
     config = pretrained_config(folder)

@@ -1,4 +1,4 @@
-"""Pretrained Hugging Face folders (Llama, Qwen2, LLaDA, Dream) -> dlm's transformer (numpy).
+"""Pretrained Hugging Face folders (Llama, Qwen2, LLaDA, Dream) -> dlm's transformer.
 
 A folder holds ``config.json`` and ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``; nothing is unpickled and no remote code runs. Each family
@@ -15,8 +15,8 @@ which process decodes it, and the name of every tensor:
 
 dlm's Dense kernels are [in, out], so every linear weight is transposed. RoPE is the
 rotate-half convention of these models, so q and k need no permutation. Tensors are read
-one at a time (`tensors`); their dtype is kept (bfloat16 arrays come back as ml_dtypes'
-bfloat16).
+one at a time (`tensors`, numpy; bfloat16 arrays come back as ml_dtypes' bfloat16) and put
+straight onto their devices (`params`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import tokenizers as hf_tokenizers
+from safetensors import safe_open
+
+from dlm.data.tokenizers import PretrainedTokenizer
+from dlm.models import masks
+from dlm.models import registry as model_registry
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -272,8 +280,6 @@ def read_folder(folder: str | pathlib.Path) -> Folder:
 
 def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
     """{tensor name: the safetensors file holding it}, from the index or the single file."""
-    from safetensors import safe_open
-
     index = path / INDEX_FILE
     if index.exists():
         try:
@@ -302,8 +308,6 @@ def tensors(folder: Folder) -> Iterator[tuple[Path, np.ndarray]]:
     Raises ValueError naming the tensor when one is missing, unexpected or mis-shaped. A
     tied model may also store ``lm_head.weight``; it must then equal the embedding.
     """
-    from safetensors import safe_open
-
     names = folder.names()
     missing = sorted(set(names) - set(folder.files))
     if missing:
@@ -360,10 +364,6 @@ def load_tokenizer(folder: Folder):
     and pad from config.json (else tokenizer_config.json's tokens), the first EOS when
     config.json lists several, the mask id of a diffusion family; the chat template of
     tokenizer_config.json when it has one."""
-    import tokenizers as hf_tokenizers
-
-    from dlm.data.tokenizers import PretrainedTokenizer
-
     path = folder.path / TOKENIZER_FILE
     if not path.is_file():
         others = [p.name for p in (folder.path / "tokenizer.model", folder.path / "vocab.json")
@@ -399,3 +399,56 @@ def load_tokenizer(folder: Folder):
     return PretrainedTokenizer(hf, vocab_size=vocab_size, bos_id=eos if bos is None else bos,
                                eos_id=eos, pad_id=eos if pad is None else pad, mask_id=mask_id,
                                chat_template=template if isinstance(template, str) else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A pretrained Hugging Face folder (`pretrained.py`) loaded into dlm's transformer."""
+
+    folder: Folder  # family, config.json, mask id
+    model_config: Any  # ml_collections.ConfigDict: config.model of the network
+    module: Any  # flax.linen.Module
+    params: Any
+
+
+def model_config(folder: Folder):
+    """config.model of dlm's transformer for a read pretrained folder (`pretrained.Folder`):
+    causal families keep the causal mask, LLaDA and Dream attend bidirectionally."""
+    config = model_registry.model_config("micro", "transformer")
+    model = {k: v for k, v in folder.model.items() if k != "vocab_size"}
+    config.update(model, size="custom", dropout=0.0)
+    if folder.family.process == "mdlm":
+        config.mask = str(masks.MaskSpec.full())
+    return config
+
+
+def params(folder: Folder, *, param_dtype: str | None = None, shardings=None) -> dict:
+    """The folder's weights as dlm's parameter tree, read one tensor at a time and each put
+    straight onto its device(s): `shardings` (a tree of `jax.sharding.Sharding` in the
+    params' structure; default: the default device). `param_dtype` 'float32' (default) or
+    'bfloat16'."""
+    dtype = jnp.dtype(param_dtype or "float32")
+    if dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"param_dtype={param_dtype!r}; allowed: float32, bfloat16")
+    tree: dict = {}
+    for path, array in tensors(folder):
+        sharding = None
+        if shardings is not None:
+            sharding = shardings
+            for key in path:
+                sharding = sharding[key]
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jax.device_put(np.asarray(array).astype(dtype, copy=False), sharding)
+    return tree
+
+
+def load_pretrained(directory, *, param_dtype: str | None = None) -> Pretrained:
+    """A Llama / Qwen2 / LLaDA / Dream folder as dlm's transformer with the folder's weights
+    (`param_dtype`: 'float32' or 'bfloat16' to cast them to, default float32). Raises
+    FileNotFoundError / ValueError naming the file, key or tensor."""
+    folder = read_folder(directory)
+    config = model_config(folder)
+    module = model_registry.build_model(config, folder.model["vocab_size"])
+    return Pretrained(folder, config, module, params(folder, param_dtype=param_dtype))
