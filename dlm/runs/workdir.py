@@ -95,15 +95,16 @@ def read_run(workdir) -> RunFiles:
                     process_lib.make_process(config, vocab_size=tokenizer.vocab_size))
 
 
-# The training length a pretrained run config records (sampling's default context) when the
-# model's own context is longer.
-PRETRAINED_SEQ_LEN = 4096
+# The length a pretrained run config records as data.seq_len, the default --length of
+# sampling and task evaluation (LLaDA's published setting: a prompt and 256 answer positions),
+# when the model's own context is longer; --length goes up to the model's context.
+PRETRAINED_SEQ_LEN = 512
 
 
 def pretrained_config(folder) -> ml_collections.ConfigDict:
     """The dlm run config of a read pretrained folder: its process ('ar' for causal LMs,
-    'mdlm' with the model's mask id for LLaDA and Dream), its transformer, and a training
-    length of its context (at most `PRETRAINED_SEQ_LEN`)."""
+    'mdlm' with the model's mask id for LLaDA and Dream), its transformer, and as data.seq_len
+    its context or `PRETRAINED_SEQ_LEN`, whichever is shorter."""
     from configs import common
 
     config = common.base_config(folder.family.process, "transformer", "micro")
