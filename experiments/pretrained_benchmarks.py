@@ -48,14 +48,33 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}w3 {{ m['role'] }} w4 {{
                  " w5 {% endfor %}{% if add_generation_prompt %}w3 assistant w4 {% endif %}")
 
 
+def write_word_tokenizer(folder: pathlib.Path, vocab: int,
+                         chat_template: str = CHAT_TEMPLATE) -> None:
+    """A word-level tokenizer.json over `vocab` ids ("w0".."wN", with <s> = 1 and </s> = 2)
+    and a tokenizer_config.json naming them and holding `chat_template`, as transformers
+    saves them."""
+    import tokenizers
+
+    from dlm.runs import pretrained
+
+    vocab_map = {f"w{i}": i for i in range(vocab)}
+    vocab_map.update({"<s>": 1, "</s>": 2})
+    del vocab_map["w1"], vocab_map["w2"]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab_map, unk_token="w0"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    tokenizer.save(str(folder / pretrained.TOKENIZER_FILE))
+    (folder / pretrained.TOKENIZER_CONFIG_FILE).write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": chat_template}))
+
+
 def write_random_folder(folder: pathlib.Path, family: str, hidden: int, layers: int, *,
                         vocab: int = _VOCAB, shards: int = _SHARDS, seed: int = 0) -> dict:
     """A random pretrained folder of `family` (float32, `shards` safetensors files and an
-    index; names and shapes from `dlm.runs.pretrained`'s own tables) with a word-level
-    tokenizer ("w0".."wN", <s> = 1, </s> = 2) and a chat template; returns {tensors, bytes,
-    largest}."""
+    index; names and shapes from `dlm.runs.pretrained`'s own tables) with
+    `write_word_tokenizer`'s tokenizer; returns {tensors, bytes, largest}."""
     import numpy as np
-    import tokenizers
     from safetensors.numpy import save_file
 
     from dlm.runs import pretrained
@@ -77,16 +96,7 @@ def write_random_folder(folder: pathlib.Path, family: str, hidden: int, layers: 
                        else np.ones(shapes[n], np.float32)) for n in part}, str(folder / file))
         weight_map.update(dict.fromkeys(part, file))
     (folder / pretrained.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
-    vocab_map = {f"w{i}": i for i in range(vocab)}
-    vocab_map.update({"<s>": 1, "</s>": 2})
-    del vocab_map["w1"], vocab_map["w2"]
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab_map, unk_token="w0"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##")
-    tokenizer.add_special_tokens(["<s>", "</s>"])
-    tokenizer.save(str(folder / pretrained.TOKENIZER_FILE))
-    (folder / pretrained.TOKENIZER_CONFIG_FILE).write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+    write_word_tokenizer(folder, vocab)
     sizes = [int(np.prod(shape)) * 4 for shape in shapes.values()]
     return {"tensors": len(shapes), "bytes": sum(sizes), "largest": max(sizes)}
 

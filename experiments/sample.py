@@ -25,7 +25,7 @@ from absl import app, flags
 
 from dlm import runs, sampling
 from dlm.parallel import distributed
-from experiments import cli
+from experiments import cli, run_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir to sample from, or a "
                                 "pretrained Hugging Face folder (Llama, Qwen2, LLaDA, Dream).")
@@ -48,12 +48,6 @@ _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Checkpoint to load (default: latest).")
 _USE_EMA = flags.DEFINE_bool("use_ema", None,
                              "Sample with the EMA weights (default: the run's eval.use_ema).")
-_CHAT = flags.DEFINE_bool("chat", False,
-                          "Put the prompt in the tokenizer's chat template (a pretrained "
-                          "instruct model's).")
-_MODEL_PARALLEL = flags.DEFINE_integer(
-    "model_parallel", 1, "Devices per tensor-parallel group (the params' `model` axis; "
-    "batches are split over the rest).")
 flags.mark_flags_as_required(["workdir", "out"])
 distributed.define_flags()
 
@@ -67,7 +61,8 @@ def main(parsed):
         length=_LENGTH.value, steps=_STEPS.value, prompt=_PROMPT.value, seed=_SEED.value,
         batch_size=_BATCH_SIZE.value, judge_workdir=_JUDGE.value, overrides=overrides,
         checkpoint_step=_CHECKPOINT_STEP.value, use_ema=_USE_EMA.value,
-        energy_workdir=_ENERGY.value, chat=_CHAT.value, model_parallel=_MODEL_PARALLEL.value)
+        energy_workdir=_ENERGY.value, chat=run_flags.CHAT.value,
+        model_parallel=run_flags.MODEL_PARALLEL.value)
     if distributed.is_main_process():
         print(json.dumps(summary))
 

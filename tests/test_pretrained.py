@@ -62,20 +62,10 @@ def folders(tmp_path_factory):
 
 
 def _write_tokenizer(folder):
-    """A word-level tokenizer.json over the VOCAB ids ("w0" ... and the specials <s>, </s>)
-    and a tokenizer_config.json naming them, as transformers saves them."""
-    import tokenizers
+    """The word-level tokenizer ("w0" ..., <s> = 1, </s> = 2) with CHAT_TEMPLATE."""
+    from experiments.pretrained_benchmarks import write_word_tokenizer
 
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    vocab.update({"<s>": 1, "</s>": 2})
-    del vocab["w1"], vocab["w2"]
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##")
-    tokenizer.add_special_tokens(["<s>", "</s>"])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+    write_word_tokenizer(folder, VOCAB, CHAT_TEMPLATE)
 
 
 # A user turn "w5 w7" renders as "<s> w5 w7 w9" (w9 opening the assistant's turn).

@@ -180,7 +180,24 @@ class CharTokenizer(Tokenizer):
         return {"chars": self.chars}
 
 
-class _ByteLevelBPE(Tokenizer):
+class _HFBacked(Tokenizer):
+    """A tokenizer held by an HF ``tokenizers.Tokenizer`` (``self._hf``): encodes without
+    adding specials, decodes real tokens through it."""
+
+    _hf: hf_tokenizers.Tokenizer
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encodings = self._hf.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def _decode_plain(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+
+class _ByteLevelBPE(_HFBacked):
     """A byte-level BPE held by an HF ``tokenizers.Tokenizer``; the mask id follows it.
 
     Every byte has a token, so any unicode text round-trips exactly. Special token
@@ -198,18 +215,8 @@ class _ByteLevelBPE(Tokenizer):
         if not (eos_id < self.mask_id and pad_id < self.mask_id and eos_id != pad_id):
             raise ValueError(f"bad special ids eos={eos_id} pad={pad_id} for vocab {self._size}")
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encodings = self._hf.encode_batch(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-
     def _special_texts(self) -> dict[int, str]:
         return {self._eos: ENDOFTEXT, self._pad: PAD_TEXT, self.mask_id: MASK_TEXT}
-
-    def _decode_plain(self, ids: list[int]) -> str:
-        return self._hf.decode(ids, skip_special_tokens=False)
 
     def _state(self) -> dict:
         return {"hf_tokenizer": json.loads(self._hf.to_str()), "eos_id": self._eos,
@@ -228,7 +235,7 @@ class _ByteLevelBPE(Tokenizer):
         return cls._from_hf(hf, eos_id=state["eos_id"], pad_id=state["pad_id"])
 
 
-class PretrainedTokenizer(Tokenizer):
+class PretrainedTokenizer(_HFBacked):
     """A pretrained model's tokenizer (its folder's ``tokenizer.json``) with the model's ids.
 
     `vocab_size` is the model's embedding size (it may exceed the tokenizer's vocabulary:
@@ -261,20 +268,10 @@ class PretrainedTokenizer(Tokenizer):
         """None: the model was not trained with a separator; a response follows its prompt."""
         return None
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encodings = self._hf.encode_batch(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-
     def _special_texts(self) -> dict[int, str]:
         texts = {i: self._hf.id_to_token(i) or f"<{key}>" for key, i in
                  (("pad", self._pad), ("eos", self._eos), ("bos", self._bos))}
         return {**texts, self._mask: MASK_TEXT}
-
-    def _decode_plain(self, ids: list[int]) -> str:
-        return self._hf.decode(ids, skip_special_tokens=False)
 
     def _state(self) -> dict:
         return {"hf_tokenizer": json.loads(self._hf.to_str()), "vocab_size": self._size,

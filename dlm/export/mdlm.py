@@ -176,9 +176,8 @@ def read_hf_folder(folder) -> tuple[dict[str, np.ndarray], dict]:
             raise ValueError(f"{config_path}: cross_attn=false (no x_t + x_0 training pass) "
                              "is not BD3-LM's training layout")
         options["block_size"] = int(hf.get("block_size", 1))
-        buffers = [_strip(n) for n in state]
-        if all(b in buffers for b in _CLIP_BUFFERS):
-            by_name = {_strip(n): v for n, v in state.items()}
+        by_name = {_strip(n): v for n, v in state.items()}
+        if all(b in by_name for b in _CLIP_BUFFERS):
             options["clip"] = tuple(float(np.asarray(by_name[b]).reshape(-1)[0])
                                     for b in _CLIP_BUFFERS)
     return state, options

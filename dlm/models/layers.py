@@ -21,29 +21,26 @@ embed_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axi
 
 
 class LayerNorm(nn.Module):
-    """Weight-only LayerNorm (scale, no bias). Returns float32 whatever the input dtype."""
+    """Weight-only LayerNorm (scale, no bias); with `center=False` it is RMSNorm (Llama /
+    Qwen2 / LLaDA: no mean subtracted). Returns float32 whatever the input dtype."""
 
     eps: float = 1e-5
+    center: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        mean = x.mean(axis=-1, keepdims=True)
-        var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale
+        if self.center:
+            x = x - x.mean(axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(jnp.square(x).mean(axis=-1, keepdims=True) + self.eps) * scale
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm (Llama/Qwen2/LLaDA): x / sqrt(mean(x^2) + eps) * scale. Returns float32."""
+class RMSNorm(LayerNorm):
+    """RMSNorm: x / sqrt(mean(x^2) + eps) * scale."""
 
     eps: float = 1e-6
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        return x * jax.lax.rsqrt(jnp.square(x).mean(axis=-1, keepdims=True) + self.eps) * scale
+    center: bool = False
 
 
 NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}  # `model.norm`
