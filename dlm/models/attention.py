@@ -33,6 +33,7 @@ def attend(
     *,
     kv_valid_BS: jax.Array | None = None,
     q_offset=0,
+    q_positions_BT: jax.Array | None = None,
     impl: str = "xla",
 ) -> jax.Array:
     """Scaled dot-product attention, scale 1/sqrt(D), with grouped-query heads: K divides H
@@ -43,6 +44,9 @@ def attend(
       mask: which keys each query may see; query i sits at absolute position q_offset + i.
       kv_valid_BS: optional bool [B, S]; False marks padding (or empty cache slots).
       q_offset: int or traced int32 scalar, the absolute position of the first query.
+      q_positions_BT: optional int32 [B, T], each query's own absolute position (queries
+        gathered from anywhere in the sequence: a partial forward against a cache indexed
+        by position); it replaces q_offset for the mask, and the reference is used.
       impl: 'xla' (dense reference) or 'pallas' (pallas_kernels.block_sparse_attention; with
         a traced q_offset, i.e. KV-cache decoding, the reference is used).
 
@@ -54,7 +58,7 @@ def attend(
         raise ValueError(f"unknown model.attention_impl {impl!r}; allowed: {', '.join(IMPLS)}")
     # The kernel serves whole-sequence passes (training, scoring); KV-cache decoding, whose
     # offset is a traced cache length and whose queries are a few tokens, uses the reference.
-    if impl == "pallas" and isinstance(q_offset, int | np.integer):
+    if impl == "pallas" and q_positions_BT is None and isinstance(q_offset, int | np.integer):
         # Imported on use: pallas_kernels itself imports dlm.models.masks.
         from pallas_kernels import block_sparse_attention
 
@@ -65,10 +69,10 @@ def attend(
             segment_ids = (q_segments_BT, kv_segments_BS)
         return block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, mask, segment_ids=segment_ids,
                                       q_offset=int(q_offset))
-    return _attend_xla(q_BTHD, k_BSKD, v_BSKD, mask, kv_valid_BS, q_offset)
+    return _attend_xla(q_BTHD, k_BSKD, v_BSKD, mask, kv_valid_BS, q_offset, q_positions_BT)
 
 
-def _attend_xla(q_BTHD, k_BSKD, v_BSKD, mask, kv_valid_BS, q_offset):
+def _attend_xla(q_BTHD, k_BSKD, v_BSKD, mask, kv_valid_BS, q_offset, q_positions_BT=None):
     B, T, H, D = q_BTHD.shape
     _, S, K, _ = k_BSKD.shape
     if k_BSKD.shape != v_BSKD.shape or k_BSKD.shape[0] != B or k_BSKD.shape[3] != D:
@@ -82,7 +86,12 @@ def _attend_xla(q_BTHD, k_BSKD, v_BSKD, mask, kv_valid_BS, q_offset):
         "btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32
     ).astype(jnp.float32) / math.sqrt(D)
 
-    allowed_BTS = mask_array(mask, T, S, q_offset)[None]
+    if q_positions_BT is None:
+        allowed_BTS = mask_array(mask, T, S, q_offset)[None]
+    else:
+        k_pos = jnp.arange(S, dtype=jnp.int32)[None, None, :]
+        allowed_BTS = mask.allows(q_positions_BT.astype(jnp.int32)[:, :, None], k_pos, S)
+        allowed_BTS = jnp.broadcast_to(allowed_BTS, (B, T, S))
     if kv_valid_BS is not None:
         allowed_BTS = allowed_BTS & kv_valid_BS[:, None, :].astype(bool)
     allowed_B11TS = allowed_BTS[:, None, None]

@@ -37,6 +37,7 @@ from dlm.models.layers import (
     embed_init,
     make_norm,
     modulate,
+    scatter_rows,
 )
 from dlm.models.masks import MaskSpec, as_mask_spec
 
@@ -99,6 +100,8 @@ class Block(nn.Module):
         q_offset=0,
         kv_valid_BS: jax.Array | None = None,
         layer_cache: LayerCache | None = None,
+        kv_slots_BT: jax.Array | None = None,
+        write_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         if self.conditioned:
             shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
@@ -114,7 +117,7 @@ class Block(nn.Module):
                                      self.attention_impl, arch.head_dim, arch.qkv_bias,
                                      arch.rope, name="attn")(
             h, positions, mask, q_offset=q_offset, kv_valid_BS=kv_valid_BS,
-            layer_cache=layer_cache)
+            layer_cache=layer_cache, kv_slots_BT=kv_slots_BT, write_BT=write_BT)
         x_BTD = x_BTD + gate_a * drop(h.astype(jnp.float32))
         h = _maybe_modulate(make_norm(arch.norm, arch.norm_eps, "norm2")(x_BTD), shift_m, scale_m)
         h = MLPS[arch.mlp](self.hidden, arch.mlp_hidden, self.dtype, arch.mlp_bias,
@@ -232,6 +235,42 @@ class Backbone(nn.Module):
         k, v = zip(*layers)
         return logits, cache.appended(k, v, valid_BS, T)
 
+    def partial(
+        self,
+        tokens_BN: jax.Array,
+        cache: KVCache,
+        positions_BN: jax.Array,
+        t_B: jax.Array | None = None,
+        *,
+        valid_BN: jax.Array | None = None,
+        write_BN: jax.Array | None = None,
+        mask: MaskSpec | str | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs N tokens gathered from a sequence of S = cache.max_len positions against a
+        cache whose slot s holds position s (an approximate KV cache of a bidirectional
+        denoiser, `dlm.sampling.kv_reuse`).
+
+        `positions_BN` (int32, distinct per row) are the tokens' absolute positions: RoPE
+        rotates them there, their keys/values are written at those slots, and each query sees
+        the S slots through `mask` (default `config.mask`) from its position; `valid_BN`
+        (default all True) marks padding, never attended; `write_BN` (default all True) keeps
+        the cached key/value of a position computed only to fill the static shape, so it
+        does not change the cache. Over all S positions on an empty cache this is the plain
+        forward, and returns the cache of every position. Returns (logits [B, N, vocab]
+        float32, the cache with the written slots; its length is unchanged).
+        """
+        if self.shift:
+            raise ValueError("model.shift_logits: a partial forward of a network whose logits "
+                             "are shifted (Dream) needs the hidden state of the position "
+                             "before each query; decode it without a cache")
+        valid_BN = jnp.ones(tokens_BN.shape, bool) if valid_BN is None else valid_BN.astype(bool)
+        valid_BS = scatter_rows(cache.valid_BS, valid_BN, positions_BN, write_BN)
+        logits, layers = self._run(tokens_BN, t_B, positions_BN, mask, train=False, cache=cache,
+                                   kv_valid_BS=valid_BS, kv_slots_BT=positions_BN,
+                                   write_BT=write_BN)
+        k, v = zip(*layers)
+        return logits, cache.appended(k, v, valid_BS, 0)
+
     def _condition(self, t_B: jax.Array | None, batch: int) -> jax.Array | None:
         """The conditioning vector c [B, cond_dim] of a conditioned stack, else None."""
         if not self.conditioned:
@@ -244,7 +283,7 @@ class Backbone(nn.Module):
         return nn.silu(self.time_embed(jnp.broadcast_to(t_B, (batch,))))
 
     def _run(self, tokens_BT, t_B, positions, mask, *, train, cache=None, kv_valid_BS=None,
-             output_len=None):
+             output_len=None, kv_slots_BT=None, write_BT=None):
         mask = as_mask_spec(self.config.mask if mask is None else mask)
         c_BC = self._condition(t_B, tokens_BT.shape[0])
         x_BTD = self.embed(tokens_BT).astype(jnp.float32)
@@ -254,7 +293,8 @@ class Backbone(nn.Module):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x_BTD, new_layer = block(x_BTD, c_BC, positions, mask, train=train,
                                      q_offset=q_offset, kv_valid_BS=kv_valid_BS,
-                                     layer_cache=layer_cache)
+                                     layer_cache=layer_cache, kv_slots_BT=kv_slots_BT,
+                                     write_BT=write_BT)
             new_layers.append(new_layer)
         x_BTD = x_BTD if output_len is None else x_BTD[:, :output_len]
         if self.conditioned:

@@ -26,7 +26,7 @@ class KVCache:
     def init(cls, config: Any, batch: int, max_len: int, dtype: Any = None) -> "KVCache":
         """An empty cache for a model config (keys hidden, heads, kv_heads, layers, dtype);
         `dtype` defaults to the config's compute dtype."""
-        head_dim = config.hidden // config.heads
+        head_dim = config.get("head_dim", 0) or config.hidden // config.heads
         kv_heads = config.get("kv_heads") or config.heads
         dtype = jnp.dtype(dtype or config.dtype)
         shape = (batch, max_len, kv_heads, head_dim)

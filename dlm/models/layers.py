@@ -216,13 +216,30 @@ class TimestepEmbedding(nn.Module):
 LayerCache = tuple[jax.Array, jax.Array]  # (k_BSKD, v_BSKD) of one layer
 
 
+def scatter_rows(cache_BS: jax.Array, new_BT: jax.Array, slots_BT: jax.Array,
+                 write_BT: jax.Array | None = None) -> jax.Array:
+    """cache_BS [B, S, ...] with row b's new_BT[b, t] written at slot slots_BT[b, t] (slots
+    distinct per row), in the cache's dtype; where `write_BT` is False the old entry stays."""
+    rows_B1 = jnp.arange(cache_BS.shape[0])[:, None]
+    new_BT = new_BT.astype(cache_BS.dtype)
+    if write_BT is not None:
+        old_BT = cache_BS[rows_B1, slots_BT]
+        keep = write_BT.reshape(write_BT.shape + (1,) * (new_BT.ndim - 2))
+        new_BT = jnp.where(keep, new_BT, old_BT)
+    return cache_BS.at[rows_B1, slots_BT].set(new_BT)
+
+
 class SelfAttention(nn.Module):
     """q/k/v projections (biased when `qkv_bias`, as Qwen2/Dream), RoPE on q and k, `attend`,
     bias-free output projection. Heads are `head_dim` wide (default hidden / heads).
 
     Without a cache, keys are the T inputs themselves. With `layer_cache` (k, v [B, S, K, Dh]),
     the new keys/values are written at slot `q_offset` (static or traced int) and the queries
-    attend over all S slots; `kv_valid_BS` must then mark the filled slots.
+    attend over all S slots; `kv_valid_BS` must then mark the filled slots. With `kv_slots_BT`
+    (int32 [B, T], distinct per row) they are written at those slots instead, row by row,
+    and each query sits at its slot for the mask (a partial forward against a cache indexed
+    by position); `write_BT` (bool [B, T], default all) keeps a slot's old key/value where
+    False, so a query computed only to fill a static shape leaves the cache as it was.
     Returns (out [B, T, hidden] in `dtype`, updated layer cache or None).
     """
 
@@ -245,6 +262,8 @@ class SelfAttention(nn.Module):
         q_offset=0,
         kv_valid_BS: jax.Array | None = None,
         layer_cache: LayerCache | None = None,
+        kv_slots_BT: jax.Array | None = None,
+        write_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         B, T, _ = x_BTD.shape
         head_dim = self.head_dim or self.hidden // self.heads
@@ -258,13 +277,18 @@ class SelfAttention(nn.Module):
 
         new_cache = None
         k_BSKD, v_BSKD = k_BTKD, v_BTKD
-        if layer_cache is not None:
+        if layer_cache is not None and kv_slots_BT is not None:
+            k_BSKD, v_BSKD = (scatter_rows(cache, new, kv_slots_BT, write_BT)
+                              for cache, new in zip(layer_cache, (k_BTKD, v_BTKD)))
+            new_cache = (k_BSKD, v_BSKD)
+        elif layer_cache is not None:
             cache_k, cache_v = layer_cache
             start = (0, q_offset, 0, 0)
             k_BSKD = jax.lax.dynamic_update_slice(cache_k, k_BTKD.astype(cache_k.dtype), start)
             v_BSKD = jax.lax.dynamic_update_slice(cache_v, v_BTKD.astype(cache_v.dtype), start)
             new_cache = (k_BSKD, v_BSKD)
         out_BTHD = attend(q_BTHD, k_BSKD.astype(self.dtype), v_BSKD.astype(self.dtype), mask,
-                          kv_valid_BS=kv_valid_BS, q_offset=q_offset, impl=self.attention_impl)
+                          kv_valid_BS=kv_valid_BS, q_offset=q_offset,
+                          q_positions_BT=kv_slots_BT, impl=self.attention_impl)
         out = Dense(self.hidden, self.dtype, name="out")(out_BTHD.reshape(B, T, -1))
         return out, new_cache

@@ -168,11 +168,13 @@ class BlockUnmask:
         after = rule.inner.update(network, sub, logits_BTV.astype(jnp.float32), key)
         committed_BT = sub.open_BL(mask_id) & ~after.open_BL(mask_id)
         commit_step_BT = jnp.where(committed_BT, state.step, sub.commit_step_BL)
+        # Every call runs one block with the cache, the whole sequence without it.
+        state = state.called(b if rule.kv_cache else length, after.nfe - state.nfe)
         return state.replace(
             tokens_BL=paste(state.tokens_BL, after.tokens_BL),
             confidence_BL=paste(state.confidence_BL, after.confidence_BL),
             commit_step_BL=paste(state.commit_step_BL, commit_step_BT),
-            t_B=after.t_B, nfe=after.nfe,
+            t_B=after.t_B,
             cache=BlockCarry(kv=kv, encoded=encoded, block=block, block_start=block_start))
 
     def encode_before(self, network, params, tokens_BL: jax.Array, block: jax.Array,

@@ -69,6 +69,7 @@ def _keep_done(before: SamplerState, after: SamplerState) -> SamplerState:
         commit_step_BL=jnp.where(done_BL, before.commit_step_BL, after.commit_step_BL),
         t_B=jnp.where(done_B, before.t_B, after.t_B),
         nfe_B=before.nfe_B + jnp.where(done_B, 0, after.nfe - before.nfe),
+        token_forwards_B=jnp.where(done_B, before.token_forwards_B, after.token_forwards_B),
     )
 
 
@@ -110,8 +111,8 @@ class Drawn:
 
     Attributes:
       output: the samples on the host (numpy), batches concatenated: tokens_BL, known_BL,
-        confidence_BL, commit_step_BL [num_batches * B, L], nfe_B and done_B
-        [num_batches * B]; nfe (network calls) and steps (loop iterations) summed over the
+        confidence_BL, commit_step_BL [num_batches * B, L], nfe_B, token_forwards_B and
+        done_B [num_batches * B]; nfe (network calls) and steps (loop iterations) summed over the
         batches.
       seconds: wall time of each batch's call, compilation excluded.
       compile_seconds: the time to compile the loop for these shapes (near 0 when JAX had

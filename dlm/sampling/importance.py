@@ -174,7 +174,8 @@ class ImportanceUnmask:
             return lax.cond(resampling, resample, lambda: first_BL)
 
         after = self.inner.update(denoiser, state, logits_BLV, key, propose=propose)
-        return after.replace(nfe=after.nfe + resampling.astype(jnp.int32))
+        # The energy scores k candidates of L positions.
+        return after.called(self.num_candidates * state.tokens_BL.shape[1], resampling)
 
     def _resample(self, network, params, state: SamplerState, logits_BLV, log_probs_BLV,
                   first_BL, key) -> jax.Array:

@@ -46,12 +46,20 @@ class Denoiser:
       vocab: its special ids.
       schedule: the noise schedule it was trained with (time-based samplers use it).
       time_conditioned: whether the logits depend on t_B (if not, logits can be cached).
+      partial_fn: optional hashable `(params, tokens_BN, positions_BN, cache, t_B, write_BN)
+        -> (logits_BNV float32, cache)`: N tokens at absolute positions positions_BN
+        (distinct per row) against a cache of every position's keys/values, their own
+        written into it where write_BN (the approximate KV caches of `kv_reuse`); over all L
+        positions of an empty cache, the plain forward. None: the network has none.
+      init_cache_fn: hashable `(batch, length) -> cache`, empty (with `partial_fn`).
     """
 
     apply_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]
     vocab: Vocab
     schedule: schedules.Schedule = schedules.LogLinearSchedule()
     time_conditioned: bool = False
+    partial_fn: Callable[..., tuple[jax.Array, Any]] | None = None
+    init_cache_fn: Callable[[int, int], Any] | None = None
 
     kind: ClassVar[str] = "denoiser"
 
@@ -152,6 +160,17 @@ class _FlaxDenoise:
 
 
 @dataclasses.dataclass(frozen=True)
+class _FlaxPartial:
+    module: Any
+    pad_id: int | None = None
+
+    def __call__(self, params, tokens_BN, positions_BN, cache, t_B, write_BN=None):
+        valid = None if self.pad_id is None else tokens_BN != self.pad_id
+        return self.module.apply({"params": params}, tokens_BN, cache, positions_BN, t_B,
+                                 valid_BN=valid, write_BN=write_BN, method="partial")
+
+
+@dataclasses.dataclass(frozen=True)
 class _FlaxDecode:
     module: Any
     pad_id: int | None = None
@@ -225,8 +244,11 @@ def from_flax(module, process, tokenizer=None, context_len: int | None = None,
     if kind == "causal":
         return CausalLM(_FlaxDecode(module, pad_id), _FlaxInitCache(module), vocab)
     if kind == "denoiser":
+        partial = None if module.config.get("shift_logits", False) else _FlaxPartial(module,
+                                                                                     pad_id)
         return Denoiser(_FlaxDenoise(module, pad_id), vocab, process.schedule,
-                        bool(module.config.time_conditioning))
+                        bool(module.config.get("time_conditioning", False)), partial,
+                        None if partial is None else _FlaxInitCache(module))
     if module.config.get("time_conditioning", False):
         raise ValueError("block diffusion sampling does not support a time-conditioned "
                          "network (model.time_conditioning=True)")

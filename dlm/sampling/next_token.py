@@ -38,7 +38,7 @@ class NextToken:
         cache = network.init_cache_fn(batch, length)
         if prefix_len > 1:
             _, cache = network.decode_fn(params, state.tokens_BL[:, :prefix_len - 1], cache)
-            state = state.replace(nfe=state.nfe + 1)
+            state = state.called(prefix_len - 1)
         return state.replace(cache=cache)
 
     def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
@@ -53,4 +53,4 @@ class NextToken:
         commit_BL = at_next_BL & state.open_BL(network.vocab.mask_id)
         state = state.committed(commit_BL, jnp.broadcast_to(drawn_B1, (batch, length)),
                                 jnp.broadcast_to(confidence_B1, (batch, length)))
-        return state.replace(cache=cache, nfe=state.nfe + 1)
+        return state.called(1).replace(cache=cache)

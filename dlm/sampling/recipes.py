@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Callable
 
 from dlm.registry import Registry
-from dlm.sampling import categorical, scores, select, times, transforms
+from dlm.sampling import categorical, kv_reuse, scores, select, times, transforms
 from dlm.sampling.block_unmask import BlockUnmask
 from dlm.sampling.engine import Sampler, StepRule
 from dlm.sampling.importance import ImportanceUnmask
@@ -153,37 +153,66 @@ def first_hitting(decoding: Decoding) -> Unmask:
 LLADA_REMASKING = ("low_confidence", "random")
 
 
+def _kv(cache: str, cache_every: int | None, cache_vicinity: int | None,
+        cache_variant: str | None, block_length: int | None):
+    """The reuse policy of the block-decoding samplers' cache options (`kv_reuse`)."""
+    policy = kv_reuse.by_name(cache, cache_every, cache_vicinity, cache_variant)
+    if policy is not None and block_length is None:
+        raise ValueError(f"cache={cache!r} decodes in semi-autoregressive blocks: set "
+                         "block_length")
+    return policy
+
+
+# The approximate KV cache options of the samplers that decode in blocks (`kv_reuse`):
+# cache ('none', 'prefix', 'dual', 'dkv', 'freecache', 'dinfer'), cache_every (refresh
+# interval in steps; None: the policy's default, 0: at block starts only), cache_vicinity
+# (dinfer: positions recomputed on each side of the block; dkv greedy: after it) and
+# cache_variant (dkv: 'decode' or 'greedy').
+
+
 @recipe("llada", temperature=0.0)
 def llada(decoding: Decoding, steps: int | None = None, block_length: int | None = 32,
-          remasking: str = "low_confidence") -> Unmask:
+          remasking: str = "low_confidence", cache: str = "none",
+          cache_every: int | None = None, cache_vicinity: int | None = None,
+          cache_variant: str | None = None) -> Unmask:
     """LLaDA: semi-autoregressive blocks of `block_length` (None: one block), `steps` (None:
     one per position) shared evenly between them; each step commits a fixed share of the
-    block's masks, the most confident ('low_confidence' remasking) or random ones."""
+    block's masks, the most confident ('low_confidence' remasking) or random ones. `cache`
+    (with `cache_every`, `cache_vicinity`, `cache_variant`): an approximate KV cache."""
     _check_positive("steps", steps)
     _check_positive("block_length", block_length)
     score = scores.by_name(remasking, LLADA_REMASKING, option="remasking")
     return decoding.unmask(select=select.ScheduledCount("linear"), score=score, steps=steps,
-                           block_length=block_length)
+                           block_length=block_length,
+                           kv=_kv(cache, cache_every, cache_vicinity, cache_variant,
+                                  block_length))
 
 
 @recipe("dream", temperature=0.2, top_p=0.95)
 def dream(decoding: Decoding, steps: int | None = None, alg: str = "entropy",
-          block_length: int | None = None) -> Unmask:
+          block_length: int | None = None, cache: str = "none",
+          cache_every: int | None = None, cache_vicinity: int | None = None,
+          cache_variant: str | None = None) -> Unmask:
     """Dream: each of `steps` steps commits masked positions / steps left, ordered by
     `alg`: 'entropy' (lowest entropy first), 'margin' (top-1 minus top-2 probability),
-    'confidence' or 'random'."""
+    'confidence' or 'random'; `cache` options as `llada`'s (with `block_length`)."""
     _check_positive("steps", steps)
     _check_positive("block_length", block_length)
     return decoding.unmask(select=select.ScheduledCount("linear"), score=scores.by_name(alg),
-                           steps=steps, block_length=block_length)
+                           steps=steps, block_length=block_length,
+                           kv=_kv(cache, cache_every, cache_vicinity, cache_variant,
+                                  block_length))
 
 
 @recipe("fast_dllm", temperature=0.0)
 def fast_dllm(decoding: Decoding, threshold: float = 0.9, factor: float | None = None,
-              block_length: int | None = None) -> Unmask:
+              block_length: int | None = None, cache: str = "none",
+              cache_every: int | None = None, cache_vicinity: int | None = None,
+              cache_variant: str | None = None) -> Unmask:
     """Fast-dLLM parallel decoding: commit every masked position whose confidence exceeds
     `threshold` (and always the most confident one), or with `factor` the factor rule;
-    optionally within semi-autoregressive blocks."""
+    optionally within semi-autoregressive blocks, and then with Fast-dLLM's prefix or dual
+    `cache` (or the other policies; options as `llada`'s)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold={threshold} must lie in (0, 1]")
     if factor is not None and factor <= 0:
@@ -191,7 +220,9 @@ def fast_dllm(decoding: Decoding, threshold: float = 0.9, factor: float | None =
     _check_positive("block_length", block_length)
     rule_select = select.Threshold(threshold) if factor is None else select.Factor(factor)
     return decoding.unmask(select=rule_select, score=scores.Probability(),
-                           block_length=block_length)
+                           block_length=block_length,
+                           kv=_kv(cache, cache_every, cache_vicinity, cache_variant,
+                                  block_length))
 
 
 @recipe("ar")

@@ -27,6 +27,9 @@ class SamplerState:
     rng: jax.Array  # key; step k draws from fold_in(rng, k)
     confidence_BL: jax.Array  # float32 [B, L]: the score a token was committed with (NaN: none)
     commit_step_BL: jax.Array  # int32 [B, L]: the step a token was committed at (-1: not)
+    # int32 [B]: query positions the network processed for each sample while it ran (L per
+    # plain forward; fewer with a KV cache): the cost beyond NFE of `called`.
+    token_forwards_B: jax.Array
     cache: Any = None  # the step rule's own carry: cached logits, a KV cache, ...
 
     @classmethod
@@ -47,7 +50,15 @@ class SamplerState:
             rng=rng,
             confidence_BL=jnp.full((batch, length), jnp.nan, jnp.float32),
             commit_step_BL=jnp.full((batch, length), -1, jnp.int32),
+            token_forwards_B=jnp.zeros((batch,), jnp.int32),
         )
+
+    def called(self, positions, calls=1) -> SamplerState:
+        """The state after `calls` (int or int32 []) network calls each processing
+        `positions` query positions per sample (int or int32 [B])."""
+        calls = jnp.asarray(calls, jnp.int32)
+        return self.replace(nfe=self.nfe + calls,
+                            token_forwards_B=self.token_forwards_B + calls * positions)
 
     def open_BL(self, mask_id: int) -> jax.Array:
         """bool [B, L]: positions still to generate."""
@@ -75,9 +86,11 @@ class SampleOutput:
     done_B: jax.Array  # bool [B]: finished (no open position left)
     confidence_BL: jax.Array  # float32 [B, L]
     commit_step_BL: jax.Array  # int32 [B, L]
+    token_forwards_B: jax.Array  # int32 [B]: query positions processed for each sample
 
     @classmethod
     def from_state(cls, state: SamplerState) -> SampleOutput:
         return cls(tokens_BL=state.tokens_BL, known_BL=state.known_BL, nfe=state.nfe,
                    nfe_B=state.nfe_B, steps=state.step, done_B=state.done_B,
-                   confidence_BL=state.confidence_BL, commit_step_BL=state.commit_step_BL)
+                   confidence_BL=state.confidence_BL, commit_step_BL=state.commit_step_BL,
+                   token_forwards_B=state.token_forwards_B)

@@ -5,6 +5,13 @@ the logits, propose a token at every position, score the positions, and let the 
 policy commit some open positions of the current scope (the whole sequence, or the first
 block with open positions in semi-autoregressive decoding). MDLM, first hitting, LLaDA, Dream
 and Fast-dLLM are all this rule with different policies (see `recipes`).
+
+In semi-autoregressive decoding only the active block can commit, so the proposals and
+scores are computed over each row's *update window* alone: the block's `block_length`
+positions (the last `block_length` of the sequence when a short last block would run
+past its end). The logits of that window are all a step needs, so with a reuse policy
+(`kv`, see `kv_reuse`) they come from a partial call against an approximate KV cache
+instead of a full forward.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax import lax
 
-from dlm.sampling import categorical, scores, select, transforms
+from dlm.sampling import categorical, kv_reuse, scores, select, transforms
 from dlm.sampling.state import SamplerState
 
 
@@ -39,6 +47,8 @@ class Unmask:
         noise removal).
       cache_logits: reuse the last logits while no token changed (MDLM's ddpm_cache); only
         takes effect for networks that are not time-conditioned.
+      kv: an approximate KV cache policy (`kv_reuse`; needs `block_length`): which positions
+        the network recomputes at each step, the others' keys/values coming from a cache.
     """
 
     select: Any = select.ScheduledCount()
@@ -50,9 +60,21 @@ class Unmask:
     block_length: int | None = None
     final_greedy: bool = False
     cache_logits: bool = False
+    kv: Any = None
 
     network_kind: ClassVar[str] = "denoiser"
     uses_prefix: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.kv is not None and self.block_length is None:
+            raise ValueError("an approximate KV cache (the `cache` option) decodes in "
+                             "semi-autoregressive blocks: set block_length")
+        if self.kv is not None and self.cache_logits:
+            raise ValueError("cache_logits and an approximate KV cache exclude each other")
+
+    def window_size(self, length: int) -> int | None:
+        """The update window of semi-autoregressive decoding (None: the whole sequence)."""
+        return None if self.block_length is None else min(self.block_length, length)
 
     def schedule_steps(self, length: int) -> int:
         return self.steps or length
@@ -65,6 +87,8 @@ class Unmask:
         return steps + int(self.final_greedy)
 
     def init(self, network, params, state: SamplerState, prefix_len: int) -> SamplerState:
+        if self.kv is not None:
+            return state.replace(cache=kv_reuse.init(network, *state.tokens_BL.shape))
         if not self._caches(network):
             return state
         logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)
@@ -72,13 +96,22 @@ class Unmask:
         return state.replace(cache=(jnp.zeros(logits.shape, logits.dtype), no_call_yet_BL))
 
     def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
-        logits_BLV, state = self._logits(network, params, state)
-        return self.update(network, state, logits_BLV, key)
+        if self.kv is None:
+            logits, state = self._logits(network, params, state)
+        else:
+            length = state.tokens_BL.shape[1]
+            blocks = _blocks(state, state.open_BL(network.vocab.mask_id), self.block_length)
+            logits, state = kv_reuse.cached_logits(
+                self.kv, network, params, state, self._window_start(blocks, length),
+                self.window_size(length), blocks.active_B, blocks.active_start_B,
+                network.vocab.mask_id)
+        return self.update(network, state, logits, key)
 
     def update(self, network, state: SamplerState, logits_BLV: jax.Array,
                key: jax.Array, propose=None) -> SamplerState:
         """Everything in a step after the network call: propose, score, select, commit and
-        advance t. `logits_BLV` [B, L, V] are the network's for `state.tokens_BL`; `state.step`
+        advance t. `logits_BLV` [B, L, V] are the network's for `state.tokens_BL`, or with
+        blocks those of the update window alone [B, block_length, V]; `state.step`
         counts the steps of the sampling being done (a block sampler passes a block's
         sub-state and the step within the block). `propose(log_probs_BLV, key) -> tokens_BL`
         replaces `self.proposal` (EDLM's importance resampling of full candidates); it gets
@@ -86,18 +119,31 @@ class Unmask:
         the state after the commits.
         """
         vocab = network.vocab
-        length = state.tokens_BL.shape[1]
+        batch, length = state.tokens_BL.shape
         time_key, proposal_key, score_key, select_key = jax.random.split(key, 4)
         open_BL = state.open_BL(vocab.mask_id)
+        blocks = _blocks(state, open_BL, self.block_length)
+        window = None if propose is not None else self.window_size(length)
+        if window is not None:  # only the active block can commit: work on it alone
+            idx_BW = (self._window_start(blocks, length)[:, None]
+                      + jnp.arange(window, dtype=jnp.int32))
+            if logits_BLV.shape[1] != window:
+                logits_BLV = jnp.take_along_axis(logits_BLV, idx_BW[..., None], axis=1)
         log_probs_BLV = transforms.log_probs(logits_BLV, self.transforms, vocab)
         proposed_BL = (propose or self.proposal)(log_probs_BLV, proposal_key)
         if self.final_greedy:
             is_last = state.step == self.max_steps(length) - 1
             proposed_BL = jnp.where(is_last, jnp.argmax(log_probs_BLV, -1), proposed_BL)
         scores_BL = self.score(log_probs_BLV, proposed_BL, score_key)
+        confidence_BL = scores.Probability()(log_probs_BLV, proposed_BL, None)
+        if window is not None:  # back to [B, L]; outside the window nothing can commit
+            rows_B1 = jnp.arange(batch)[:, None]
+            proposed_BL = state.tokens_BL.at[rows_B1, idx_BW].set(proposed_BL)
+            scores_BL = jnp.full((batch, length), -jnp.inf).at[rows_B1, idx_BW].set(scores_BL)
+            confidence_BL = jnp.full((batch, length), jnp.nan).at[rows_B1, idx_BW].set(
+                confidence_BL)
 
-        candidates = _scope(state, open_BL, scores_BL, self.block_length,
-                            self.schedule_steps(length))
+        candidates = _scope(state, open_BL, scores_BL, blocks, self.schedule_steps(length))
         next_t_B = None
         if self.time is not None:
             num_open_B = jnp.sum(open_BL, axis=-1)
@@ -107,8 +153,6 @@ class Unmask:
             reveal_prob_B = 1.0 - network.schedule.mask_prob(next_t_B) / mask_prob_t_B
             candidates = candidates.replace(reveal_prob_B=reveal_prob_B)
         commit_BL = self.select(candidates, select_key)
-
-        confidence_BL = scores.Probability()(log_probs_BLV, proposed_BL, None)
         state = state.committed(commit_BL, proposed_BL, confidence_BL)
         if next_t_B is None:
             generable_B = jnp.maximum(jnp.sum(~state.known_BL, axis=-1), 1)
@@ -123,33 +167,56 @@ class Unmask:
         def call():
             return network.apply_fn(params, state.tokens_BL, state.t_B).astype(jnp.float32)
 
+        length = state.tokens_BL.shape[1]
         if not self._caches(network):
-            return call(), state.replace(nfe=state.nfe + 1)
+            return call(), state.called(length)
         cached_logits_BLV, cached_tokens_BL = state.cache
         stale = jnp.any(cached_tokens_BL != state.tokens_BL)
         logits_BLV = lax.cond(stale, call, lambda: cached_logits_BLV)
-        return logits_BLV, state.replace(nfe=state.nfe + stale.astype(jnp.int32),
-                                         cache=(logits_BLV, state.tokens_BL))
+        return logits_BLV, state.called(length, stale).replace(cache=(logits_BLV,
+                                                                      state.tokens_BL))
+
+    def _window_start(self, blocks: "_Blocks", length: int) -> jax.Array:
+        """int32 [B]: the first position of each row's update window."""
+        window = self.window_size(length)
+        return jnp.clip(blocks.active_start_B, 0, length - window).astype(jnp.int32)
 
 
-def _scope(state: SamplerState, open_BL, scores_BL, block_length: int | None,
+@struct.dataclass
+class _Blocks:
+    """Each row's semi-autoregressive blocks (counted from its first generable position)."""
+
+    block_BL: jax.Array  # int32 [B, L]: the block of each position
+    active_B: jax.Array  # int32 [B]: the first block with an open position (L: none)
+    active_start_B: jax.Array  # int32 [B]: its first position
+
+
+def _blocks(state: SamplerState, open_BL, block_length: int | None) -> _Blocks | None:
+    if block_length is None:
+        return None
+    length = open_BL.shape[1]
+    start_B = jnp.argmax(~state.known_BL, axis=-1)
+    block_BL = (jnp.arange(length) - start_B[:, None]) // block_length
+    active_B = jnp.min(jnp.where(open_BL, block_BL, length), axis=-1).astype(jnp.int32)
+    return _Blocks(block_BL=block_BL, active_B=active_B,
+                   active_start_B=(start_B + active_B * block_length).astype(jnp.int32))
+
+
+def _scope(state: SamplerState, open_BL, scores_BL, blocks: _Blocks | None,
            steps: int) -> select.Candidates:
     """Candidates restricted to each row's current scope: all open positions, or those of
     the first block that still has one."""
     batch, length = open_BL.shape
     generable_BL = ~state.known_BL
     no_reveal_B = jnp.zeros((batch,), jnp.float32)
-    if block_length is None:
+    if blocks is None:
         return select.Candidates(
             scores_BL=scores_BL, eligible_BL=open_BL,
             step_in_scope_B=jnp.full((batch,), state.step, jnp.int32),
             scope_steps_B=jnp.full((batch,), steps, jnp.int32),
             scope_size_B=jnp.sum(generable_BL, axis=-1, dtype=jnp.int32),
             reveal_prob_B=no_reveal_B)
-    pos_L = jnp.arange(length)
-    start_B = jnp.argmax(generable_BL, axis=-1)
-    block_BL = (pos_L - start_B[:, None]) // block_length
-    active_B = jnp.min(jnp.where(open_BL, block_BL, length), axis=-1)
+    block_BL, active_B = blocks.block_BL, blocks.active_B
     in_block_BL = block_BL == active_B[:, None]
     num_blocks_B = jnp.max(jnp.where(generable_BL, block_BL, -1), axis=-1) + 1
     block_steps_B = jnp.maximum(steps // jnp.maximum(num_blocks_B, 1), 1)
