@@ -18,6 +18,8 @@ Suites:
                       AR) of verifiable tasks: see `experiments.task_benchmarks`.
   pretrained_memory   host memory of loading a ~1 GB pretrained folder: see
                       `experiments.pretrained_benchmarks`.
+  caches              approximate KV caches (prefix, dual, dKV, FreeCache, dInfer) against
+                      the uncached samplers: see `experiments.cache_benchmarks`.
 
 Each suite replaces its own section of the file and leaves the others alone; every
 section records the command, the machine and the date. Figures are medians.
@@ -39,6 +41,7 @@ from absl import app, flags
 
 from experiments import (
     block_benchmarks,
+    cache_benchmarks,
     edlm_benchmarks,
     pretrained_benchmarks,
     report,
@@ -48,7 +51,7 @@ from experiments import (
 
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
                             "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost, "
-                            "edlm, sdtt, tasks.")
+                            "edlm, sdtt, tasks, pretrained_memory, caches.")
 _SIZES = flags.DEFINE_list("sizes", ["micro", "tiny"], "Model sizes for `throughput`.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch for `throughput`.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Sequence length for `throughput`.")
@@ -463,7 +466,8 @@ def main(argv):
               "bd3lm_cost": lambda c: block_benchmarks.cost_section(c),
               "edlm": edlm_benchmarks.edlm_section,
               "sdtt": sdtt_benchmarks.sdtt_section, "tasks": task_benchmarks.tasks_section,
-              "pretrained_memory": pretrained_benchmarks.memory_section}
+              "pretrained_memory": pretrained_benchmarks.memory_section,
+              "caches": cache_benchmarks.caches_section}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")

@@ -131,9 +131,11 @@ def test_rows_score_the_text_before_the_first_eos(workdirs):
     known = np.zeros(len(tokens), bool)
     known[:len(prompt)] = True
     row = answers._row(tasks.make_task("addition"), example, tok, tokens, known,
-                       len(prompt), nfe=3, seconds=0.1)
+                       len(prompt), nfe=3, seconds=0.1, token_forwards=3 * len(tokens))
     assert (row["response"], row["extracted"], row["correct"]) == ("42", "42", True)
     assert row["answer_tokens"] == 3 and row["decoded_positions"] == 4
+    summary = answers.summarize([row], "mdlm", 0.1, 0.0)
+    assert summary["token_forwards_per_token"] == len(tokens)  # 3 plain calls, 3 tokens
 
 
 def test_evaluate_task_command_line(workdirs, tmp_path):

@@ -75,7 +75,7 @@ FAST_DLLM = ("fast_dllm", {"block_length": 8, "threshold": 0.7})
 # on a DiT; a selection on the imported LLaDA and under Fast-dLLM's threshold rule.
 CASES = ([("dit", *LLADA, cache) for cache in POLICIES]
          + [("dit", *FAST_DLLM, "dual"), ("llada", *LLADA, "dual"), ("llada", *LLADA, "dkv"),
-            ("llada", *FAST_DLLM, "prefix")])
+            ("llada", *LLADA, "freecache"), ("llada", *FAST_DLLM, "prefix")])
 
 
 @pytest.mark.parametrize("which,name,options,cache", CASES)
@@ -261,3 +261,82 @@ def test_kv_cache_init_uses_the_head_dim_option():
     config = model_config("micro", "transformer")
     config.update(hidden=32, heads=2, kv_heads=2, head_dim=8, layers=1)
     assert KVCache.init(config, 1, 4).k[0].shape == (1, 4, 2, 8)
+
+
+@pytest.fixture(scope="module")
+def block_network():
+    model, params = _dit(mask="block_causal:8")
+    return sampling.from_flax(model, BlockDiffusion(LogLinearSchedule(), V - 1, 8)), params
+
+
+@pytest.mark.parametrize("policy", ["threshold", "fixed_count"])
+def test_fast_dllm_v2_sub_block_cache(block_network, policy):
+    network, params = block_network
+    prompt = tuple(range(1, 9))  # one whole block of 8
+
+    def draw(batch=2, **options):
+        return _draw(network, params, "bd3lm", policy=policy, temperature=0.0, prompt=prompt,
+                     batch=batch, **options)
+
+    # Sub-blocks as big as the block: the sub-block call recomputes (and rewrites) the
+    # whole block against the exact cache of committed blocks, so nothing is approximate.
+    exact = draw()
+    whole = draw(sub_block=8, cache="dual")
+    np.testing.assert_array_equal(whole.tokens_BL, exact.tokens_BL)
+    np.testing.assert_array_equal(whole.token_forwards_B, exact.token_forwards_B)
+
+    # Sub-blocks of 4 (one row, so that no other row's sub-block triggers a refresh): per
+    # generated block one call encodes the block before it, one call runs the whole block
+    # when each of its 2 sub-blocks starts, and every other step runs the 4 positions.
+    cached = draw(batch=1, sub_block=4, cache="dual")
+    reference = draw(batch=1, sub_block=4)
+    assert not np.any(np.asarray(cached.tokens_BL) == V - 1)
+    blocks, steps = L // 8 - 1, int(cached.steps)
+    assert int(cached.token_forwards_B[0]) == 8 * blocks + 8 * 2 * blocks + 4 * (
+        steps - 2 * blocks)
+    assert int(reference.token_forwards_B[0]) == 8 * (blocks + int(reference.steps))
+    assert int(cached.token_forwards_B[0]) < int(reference.token_forwards_B[0])
+    # Decoding sub-blocks changes nothing about the exact paths: with and without the
+    # committed blocks' cache they agree.
+    without_kv = draw(batch=1, sub_block=4, kv_cache=False)
+    np.testing.assert_array_equal(without_kv.tokens_BL, reference.tokens_BL)
+
+
+def test_fast_dllm_v2_options_are_checked(block_network):
+    with pytest.raises(ValueError, match="needs sub_block and kv_cache=True"):
+        sampling.get_sampler("bd3lm", cache="dual")
+    with pytest.raises(ValueError, match="allowed for bd3lm: none, dual"):
+        sampling.get_sampler("bd3lm", cache="prefix", sub_block=4)
+
+
+def _rules():
+    from dlm.sampling import categorical, scores, select, times
+    from dlm.sampling.unmask import Unmask
+
+    proposal = categorical.Categorical()
+    return {
+        "first hitting": Unmask(select=select.FixedCount(1), score=scores.Random(),
+                                time=times.FirstHitting(), block_length=8, proposal=proposal),
+        "mdlm grid": Unmask(select=select.Reveal(), time=times.GridTime(), steps=16,
+                            final_greedy=True, block_length=8, proposal=proposal),
+        "factor": sampling.get_sampler("fast_dllm", factor=1.0, block_length=8).rule,
+        "entropy order": sampling.get_sampler("dream", block_length=8, steps=16).rule,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule_name", ["first hitting", "mdlm grid", "factor", "entropy order"])
+def test_every_commit_rule_composes_with_a_cache(dit, rule_name):
+    network, params = dit
+    rule = _rules()[rule_name]
+    prompt = np.asarray([1, 2, 3, 4, 5], np.int32)
+
+    def draw(kv):
+        sampler = sampling.Sampler(rule_name, dataclasses.replace(rule, kv=kv))
+        return sampling.draw(sampler, network, params, jax.random.PRNGKey(0), batch_size=2,
+                             length=L, prompt=prompt).output
+
+    reference = draw(None)
+    np.testing.assert_array_equal(draw(kv_reuse.Dual(every=1)).tokens_BL, reference.tokens_BL)
+    approx = draw(kv_reuse.Dual())
+    assert np.all(np.asarray(approx.token_forwards_B) < np.asarray(reference.token_forwards_B))

@@ -49,13 +49,20 @@ def test_writes_one_record_per_sample_and_a_summary(runs, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 9
     for record in records:
-        assert set(record) == {"text", "tokens", "prompt_tokens", "nfe", "seconds"}
+        assert set(record) == {"text", "tokens", "prompt_tokens", "nfe", "token_forwards",
+                               "seconds"}
         assert len(record["tokens"]) == 12 and record["tokens"][:3] == record["prompt_tokens"]
         assert record["text"].startswith("abc") and "[MASK]" not in record["text"]
         assert 1 <= record["nfe"] <= 9
+        assert record["token_forwards"] == 12 * record["nfe"]  # a plain forward per call
     assert summary["sampler"] == "fast_dllm" and summary["num_samples"] == 9
     for key in ("tokens_per_second", "mean_nfe", "entropy", "gen_ppl", "compile_seconds"):
         assert np.isfinite(summary[key]) and summary[key] >= 0, key
+    forwards = sum(r["token_forwards"] for r in records)
+    assert summary["token_forwards_per_token"] == pytest.approx(forwards / (9 * 9))
+    config = runs_lib.load_run(runs["mdlm"]).config.model
+    assert summary["attention_flops_per_token"] == pytest.approx(
+        4 * config.layers * config.hidden * 12 * forwards / 81)
 
 
 def test_autoregressive_run_starts_from_bos(runs, tmp_path):

@@ -91,12 +91,12 @@ def answer(sampler, network, params, task: Task, examples: Sequence[Example], to
         for row, i in enumerate(chunk):
             rows.append(_row(task, examples[i], tokenizer, out.tokens_BL[row], known_BL[row],
                              len(prompts[i]), int(out.nfe_B[row]),
-                             sum(drawn.seconds) / batch_size))
+                             sum(drawn.seconds) / batch_size, int(out.token_forwards_B[row])))
     return rows, summarize(rows, sampler.name, seconds, compile_seconds)
 
 
 def _row(task: Task, example: Example, tokenizer, tokens_L, known_L, prompt_len: int,
-         nfe: int, seconds: float) -> dict:
+         nfe: int, seconds: float, token_forwards: int) -> dict:
     response = sft.response_ids(tokens_L, prompt_len, tokenizer.eos_id)
     text = tokenizer.decode(response, skip_special=True)
     answer_tokens = min(len(response) + 1, int(np.sum(~known_L)))  # with its EOS
@@ -108,6 +108,7 @@ def _row(task: Task, example: Example, tokenizer, tokens_L, known_L, prompt_len:
         "extracted": task.extract(text),
         "correct": bool(task.is_correct(example, text)),
         "nfe": nfe,
+        "token_forwards": token_forwards,
         "answer_tokens": answer_tokens,
         "decoded_positions": int(np.sum(~known_L)),
         "seconds": seconds,
@@ -117,7 +118,9 @@ def _row(task: Task, example: Example, tokenizer, tokens_L, known_L, prompt_len:
 def summarize(rows: Sequence[dict], sampler_name: str, seconds: float,
               compile_seconds: float) -> dict:
     """Accuracy with its standard error (binomial, sqrt(p (1 - p) / n)), mean NFE, answer
-    tokens and decoded positions per network call, answer tokens per second."""
+    tokens and decoded positions per network call, the query positions the network processed
+    per answer token (`token_forwards_per_token`: L per plain call, fewer with a KV cache),
+    answer tokens per second."""
     n = len(rows)
     accuracy = float(np.mean([r["correct"] for r in rows]))
     nfe = np.asarray([r["nfe"] for r in rows], np.float64)
@@ -130,6 +133,8 @@ def summarize(rows: Sequence[dict], sampler_name: str, seconds: float,
         "accuracy_stderr": math.sqrt(accuracy * (1.0 - accuracy) / n),
         "mean_nfe": float(nfe.mean()),
         "tokens_per_call": answer_tokens / calls,
+        "token_forwards_per_token": float(sum(r.get("token_forwards", 0) for r in rows))
+        / max(answer_tokens, 1.0),
         "positions_per_call": float(sum(r["decoded_positions"] for r in rows)) / calls,
         "mean_answer_tokens": answer_tokens / n,
         "tokens_per_second": answer_tokens / seconds if seconds > 0 else float("nan"),

@@ -245,14 +245,17 @@ class Backbone(nn.Module):
         valid_BN: jax.Array | None = None,
         write_BN: jax.Array | None = None,
         mask: MaskSpec | str | None = None,
+        slots_BN: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Runs N tokens gathered from a sequence of S = cache.max_len positions against a
         cache whose slot s holds position s (an approximate KV cache of a bidirectional
-        denoiser, `dlm.sampling.kv_reuse`).
+        denoiser, `dlm.sampling.kv_reuse`), or, with `slots_BN`, the slot of each token
+        (Fast-dLLM v2's sub-blocks against a block diffusion cache, whose slots trail the
+        positions once its sliding window has dropped blocks).
 
         `positions_BN` (int32, distinct per row) are the tokens' absolute positions: RoPE
         rotates them there, their keys/values are written at those slots, and each query sees
-        the S slots through `mask` (default `config.mask`) from its position; `valid_BN`
+        the S slots through `mask` (default `config.mask`) from its slot; `valid_BN`
         (default all True) marks padding, never attended; `write_BN` (default all True) keeps
         the cached key/value of a position computed only to fill the static shape, so it
         does not change the cache. Over all S positions on an empty cache this is the plain
@@ -264,9 +267,10 @@ class Backbone(nn.Module):
                              "are shifted (Dream) needs the hidden state of the position "
                              "before each query; decode it without a cache")
         valid_BN = jnp.ones(tokens_BN.shape, bool) if valid_BN is None else valid_BN.astype(bool)
-        valid_BS = scatter_rows(cache.valid_BS, valid_BN, positions_BN, write_BN)
+        slots_BN = positions_BN if slots_BN is None else slots_BN
+        valid_BS = scatter_rows(cache.valid_BS, valid_BN, slots_BN, write_BN)
         logits, layers = self._run(tokens_BN, t_B, positions_BN, mask, train=False, cache=cache,
-                                   kv_valid_BS=valid_BS, kv_slots_BT=positions_BN,
+                                   kv_valid_BS=valid_BS, kv_slots_BT=slots_BN,
                                    write_BT=write_BN)
         k, v = zip(*layers)
         return logits, cache.appended(k, v, valid_BS, 0)

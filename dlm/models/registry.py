@@ -140,6 +140,13 @@ def init_params(module: nn.Module, seq_len: int, rng: jax.Array):
     return module.init({"params": rng}, tokens, t, train=False)["params"]
 
 
+def attention_flops(config: ml_collections.ConfigDict, queries, keys):
+    """The FLOPs of dense attention for `queries` query positions against `keys` key slots
+    in every layer: QK^T and PV, 2 multiply-adds per query-key pair and head dimension."""
+    head_dim = config.get("head_dim", 0) or config.hidden // config.heads
+    return 4 * config.layers * config.heads * head_dim * queries * keys
+
+
 def param_count(params) -> int:
     """Total number of parameters in a pytree of arrays or jax.ShapeDtypeStructs."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))

@@ -10,7 +10,7 @@ pretrained folder has no data of its own: `--task` names a generated task, whose
 
 from __future__ import annotations
 
-from dlm import sampling
+from dlm import models, sampling
 from dlm.data import builders, pipeline, tasks
 from dlm.evaluation import answers
 from dlm.parallel import distributed
@@ -95,10 +95,15 @@ def answer_run(run: loading.Run, sampler, verifier: tasks.Task, examples, *,
     each prompt in the tokenizer's chat template)."""
     sampling.check_network(sampler, run.network.kind, f"run ({run.workdir})")
     batch_size = min(batch_size, len(examples))
-    return answers.answer(
+    layout = layout_for(run, length, max_new_tokens)
+    rows, summary = answers.answer(
         sampler, run.network, run.params, verifier, examples, run.tokenizer,
-        layout=layout_for(run, length, max_new_tokens), batch_size=batch_size, seed=seed,
+        layout=layout, batch_size=batch_size, seed=seed,
         sharding=loading.batch_sharding(run, batch_size), fetch=distributed.fetch, chat=chat)
+    # Every query attends over the L slots of the sequence (or of its cache).
+    summary["attention_flops_per_token"] = float(models.attention_flops(
+        run.config.model, summary["token_forwards_per_token"], layout.length))
+    return rows, summary
 
 
 def evaluate_task(workdir: str, sampler_name: str, out: str | None = None, *,

@@ -14,7 +14,7 @@ import pathlib
 import jax
 import numpy as np
 
-from dlm import sampling
+from dlm import models, sampling
 from dlm.data import sft
 from dlm.evaluation import generative
 from dlm.parallel import distributed
@@ -116,6 +116,7 @@ def sample(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: 
                           fetch=distributed.fetch)
     tokens = drawn.output.tokens_BL[:num_samples]
     nfe = drawn.output.nfe_B[:num_samples]
+    token_forwards = drawn.output.token_forwards_B[:num_samples]
     seconds = np.asarray(drawn.seconds)
     per_sample_seconds = np.repeat(seconds / batch_size, batch_size)[:num_samples]
     known_BL = drawn.known_BL
@@ -130,16 +131,24 @@ def sample(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: 
         "tokens": row.tolist(),
         "prompt_tokens": prompt_ids.tolist(),
         "nfe": int(calls),
+        "token_forwards": int(forwards),
         "seconds": float(secs),
-    } for row, keep, calls, secs in zip(tokens, scored, nfe, per_sample_seconds)]
+    } for row, keep, calls, forwards, secs in zip(tokens, scored, nfe, token_forwards,
+                                                  per_sample_seconds)]
 
     total_seconds = float(np.sum(seconds)) * num_samples / (len(seconds) * batch_size)
+    forwards_per_token = float(token_forwards.sum()) / max(int(generated.sum()), 1)
     summary = {
         "sampler": sampler.name,
         "num_samples": num_samples,
         "length": length,
         **generative.speed(int(generated.sum()), total_seconds, float(nfe.mean())),
         "compile_seconds": drawn.compile_seconds,
+        # Query positions the network processed per generated token, and their attention
+        # FLOPs (every query attends over the `length` slots of the sequence or its cache).
+        "token_forwards_per_token": forwards_per_token,
+        "attention_flops_per_token": float(models.attention_flops(
+            run.config.model, forwards_per_token, length)),
         "entropy": float(np.mean([generative.unigram_entropy(row[keep])
                                   for row, keep in zip(tokens, generated)])),
     }

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from dlm.sampling import unmask as unmask_lib
 from dlm.sampling.state import SamplerState
 from dlm.sampling.unmask import Unmask
 
@@ -40,6 +41,7 @@ class BlockCarry:
     encoded: jax.Array  # int32 []: blocks 0..encoded-1 went through the cache
     block: jax.Array  # int32 []: the current block (-1 before the first step)
     block_start: jax.Array  # int32 []: the loop step at which the current block started
+    sub_B: jax.Array  # int32 [B]: each row's active sub-block at the last refresh (sub_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +49,10 @@ class BlockUnmask:
     """A block diffusion step rule for a `BlockDenoiser`.
 
     Attributes:
-      inner: the masked-diffusion rule applied inside each block (no `block_length`, no
-        `cache_logits`); its step budget and time plan are per block.
+      inner: the masked-diffusion rule applied inside each block (no `cache_logits`, no
+        approximate cache of its own); its step budget and time plan are per block, and its
+        `block_length` cuts each block into sub-blocks decoded left to right (Fast-dLLM
+        v2's sub-blocks).
       block_size: b; None: the network's (a different b is an error: the network's
         attention mask is built for its own).
       kv_cache: encode committed blocks once into a KV cache and run the network on the
@@ -56,20 +60,29 @@ class BlockUnmask:
       window: committed positions the current block sees through the cache (a multiple of
         b); None: the most that fit the network's training context together with the
         current block, or everything when it has none.
+      sub_cache: Fast-dLLM v2's hierarchical cache: besides the exact cache of committed
+        blocks, the block's own keys/values are cached when a sub-block starts (one call
+        over the block), and the steps inside a sub-block run the sub-block alone against
+        both (a dual cache over sub-blocks); needs `kv_cache` and the inner `block_length`.
+        The rows share the refresh: it happens when any row's sub-block changes.
     """
 
     inner: Unmask = Unmask()
     block_size: int | None = None
     kv_cache: bool = True
     window: int | None = None
+    sub_cache: bool = False
 
     network_kind: ClassVar[str] = "block"
     uses_prefix: ClassVar[bool] = False
 
     def __post_init__(self):
-        if self.inner.block_length is not None or self.inner.cache_logits:
-            raise ValueError("the inner rule of a block sampler takes no block_length and no "
-                             "cache_logits")
+        if self.inner.cache_logits or self.inner.kv is not None:
+            raise ValueError("the inner rule of a block sampler takes no cache_logits and no "
+                             "approximate KV cache of its own")
+        if self.sub_cache and (self.inner.block_length is None or not self.kv_cache):
+            raise ValueError("the sub-block cache (Fast-dLLM v2) needs sub-blocks (the inner "
+                             "block_length) and kv_cache=True")
         for name in ("block_size", "window"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -125,9 +138,13 @@ class BlockUnmask:
         if rule.kv_cache:
             b = rule.block_size
             kv = network.init_cache_fn(batch, rule.cache_window(network, length) + b)
+        if rule.sub_cache and network.partial_fn is None:
+            raise ValueError("this block diffusion network has no partial forward "
+                             "(BlockDenoiser.partial_fn), which the sub-block cache needs")
         zero = jnp.zeros((), jnp.int32)
         return state.replace(cache=BlockCarry(kv=kv, encoded=zero, block=zero - 1,
-                                              block_start=zero))
+                                              block_start=zero,
+                                              sub_B=jnp.full((batch,), -1, jnp.int32)))
 
     def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
         rule = self.for_network(network)
@@ -144,17 +161,6 @@ class BlockUnmask:
         t_B = jnp.where(new_block, jnp.ones_like(state.t_B), state.t_B)
         start = block * b
 
-        kv, encoded, nfe = carry.kv, carry.encoded, state.nfe
-        if rule.kv_cache:
-            kv, encoded, nfe = rule.encode_before(network, params, state.tokens_BL, block,
-                                                   (kv, encoded, nfe))
-            tokens_BT = lax.dynamic_slice_in_dim(state.tokens_BL, start, b, axis=1)
-            logits_BTV, _ = network.decode_fn(params, tokens_BT, kv,
-                                              block_positions(start, batch, b))
-        else:
-            logits_BLV = network.forward_fn(params, state.tokens_BL)
-            logits_BTV = lax.dynamic_slice_in_dim(logits_BLV, start, b, axis=1)
-
         def cut(x_BL):
             return lax.dynamic_slice_in_dim(x_BL, start, b, axis=1)
 
@@ -164,18 +170,74 @@ class BlockUnmask:
         sub = state.replace(
             tokens_BL=cut(state.tokens_BL), known_BL=cut(state.known_BL),
             confidence_BL=cut(state.confidence_BL), commit_step_BL=cut(state.commit_step_BL),
-            t_B=t_B, step=state.step - block_start, nfe=nfe + 1, cache=None)
+            t_B=t_B, step=state.step - block_start, cache=None)
+        kv, encoded, nfe, sub_B = carry.kv, carry.encoded, state.nfe, carry.sub_B
+        encoded_before = encoded
+        step_positions = length  # query positions of this step's call, per row
+        if rule.kv_cache:
+            kv, encoded, nfe = rule.encode_before(network, params, state.tokens_BL, block,
+                                                   (kv, encoded, nfe))
+            tokens_BT = sub.tokens_BL
+            if rule.sub_cache:
+                logits_BTV, kv, sub_B, step_positions = rule._sub_block_logits(
+                    network, params, sub, kv, start, new_block, carry.sub_B)
+            else:
+                logits_BTV, _ = network.decode_fn(params, tokens_BT, kv,
+                                                  block_positions(start, batch, b))
+                step_positions = b
+        else:
+            logits_BLV = network.forward_fn(params, state.tokens_BL)
+            logits_BTV = lax.dynamic_slice_in_dim(logits_BLV, start, b, axis=1)
+
+        sub = sub.replace(nfe=nfe + 1)
         after = rule.inner.update(network, sub, logits_BTV.astype(jnp.float32), key)
         committed_BT = sub.open_BL(mask_id) & ~after.open_BL(mask_id)
         commit_step_BT = jnp.where(committed_BT, state.step, sub.commit_step_BL)
-        # Every call runs one block with the cache, the whole sequence without it.
-        state = state.called(b if rule.kv_cache else length, after.nfe - state.nfe)
+        # An encoding call runs one block, the step's call the block (a sub-block with the
+        # sub-block cache) with the cache, the whole sequence without it.
+        state = state.called(b, encoded - encoded_before).called(step_positions)
         return state.replace(
             tokens_BL=paste(state.tokens_BL, after.tokens_BL),
             confidence_BL=paste(state.confidence_BL, after.confidence_BL),
             commit_step_BL=paste(state.commit_step_BL, commit_step_BT),
             t_B=after.t_B,
-            cache=BlockCarry(kv=kv, encoded=encoded, block=block, block_start=block_start))
+            cache=BlockCarry(kv=kv, encoded=encoded, block=block, block_start=block_start,
+                             sub_B=sub_B))
+
+    def _sub_block_logits(self, network, params, sub: SamplerState, kv, start, new_block,
+                          last_sub_B):
+        """Fast-dLLM v2's sub-block cache for one step of a rule resolved `for_network`:
+        (logits of each row's sub-block window [B, s, V], the cache holding the block's
+        keys/values after the committed blocks, each row's sub-block, query positions).
+
+        At a new block or sub-block, one call runs the whole block against the committed
+        blocks and its keys/values stay in the cache's slots after them (its length is kept,
+        so encoding the committed block later overwrites them); otherwise the sub-block
+        alone runs against both, its own keys/values written back.
+        """
+        b = self._resolved_block_size()
+        s = self.inner.window_size(b)
+        batch = sub.tokens_BL.shape[0]
+        blocks = unmask_lib._blocks(sub, sub.open_BL(network.vocab.mask_id), s)
+        window_start_B = self.inner._window_start(blocks, b)
+        idx_BS = window_start_B[:, None] + jnp.arange(s, dtype=jnp.int32)
+        refresh = new_block | jnp.any((blocks.active_B != last_sub_B) & ~sub.done_B)
+
+        def whole_block():
+            logits_BTV, with_block = network.decode_fn(params, sub.tokens_BL, kv,
+                                                       block_positions(start, batch, b))
+            logits_BSV = jnp.take_along_axis(logits_BTV, idx_BS[..., None], axis=1)
+            return logits_BSV.astype(jnp.float32), with_block.replace(length=kv.length)
+
+        def sub_block():
+            tokens_BS = jnp.take_along_axis(sub.tokens_BL, idx_BS, axis=1)
+            logits_BSV, with_sub = network.partial_fn(params, tokens_BS, start + idx_BS, kv,
+                                                      kv.length + idx_BS)
+            return logits_BSV.astype(jnp.float32), with_sub.replace(length=kv.length)
+
+        logits_BSV, kv = lax.cond(refresh, whole_block, sub_block)
+        sub_B = jnp.where(refresh, blocks.active_B, last_sub_B)
+        return logits_BSV, kv, sub_B, jnp.where(refresh, b, s)
 
     def encode_before(self, network, params, tokens_BL: jax.Array, block: jax.Array,
                       kv_encoded_nfe: tuple) -> tuple:

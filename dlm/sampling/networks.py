@@ -105,6 +105,10 @@ class BlockDenoiser:
       block_size: b, the block size it was trained with.
       context_len: the sequence length it was trained on (None: unknown); samplers keep
         at most this many positions in view (a sliding window over the cache).
+      partial_fn: optional hashable `(params, tokens_BN, positions_BN, cache, slots_BN,
+        write_BN) -> (logits_BNV float32, cache)`: N tokens at absolute positions
+        positions_BN (RoPE) and cache slots slots_BN, against the cache (Fast-dLLM v2's
+        sub-block cache, `BlockUnmask.sub_cache`). None: the network has none.
     """
 
     decode_fn: Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
@@ -114,6 +118,7 @@ class BlockDenoiser:
     schedule: schedules.Schedule
     block_size: int
     context_len: int | None = None
+    partial_fn: Callable[..., tuple[jax.Array, Any]] | None = None
 
     kind: ClassVar[str] = "block"
 
@@ -168,6 +173,19 @@ class _FlaxPartial:
         valid = None if self.pad_id is None else tokens_BN != self.pad_id
         return self.module.apply({"params": params}, tokens_BN, cache, positions_BN, t_B,
                                  valid_BN=valid, write_BN=write_BN, method="partial")
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlaxBlockPartial:
+    module: Any
+    mask: str
+    pad_id: int | None = None
+
+    def __call__(self, params, tokens_BN, positions_BN, cache, slots_BN, write_BN=None):
+        valid = None if self.pad_id is None else tokens_BN != self.pad_id
+        return self.module.apply({"params": params}, tokens_BN, cache, positions_BN,
+                                 valid_BN=valid, write_BN=write_BN, mask=self.mask,
+                                 slots_BN=slots_BN, method="partial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,4 +275,5 @@ def from_flax(module, process, tokenizer=None, context_len: int | None = None,
     return BlockDenoiser(_FlaxBlockDecode(module, mask, pad_id),
                          _FlaxBlockForward(module, mask, pad_id),
                          _FlaxInitCache(module), vocab, process.schedule, block_size,
-                         None if context_len is None else int(context_len))
+                         None if context_len is None else int(context_len),
+                         _FlaxBlockPartial(module, mask, pad_id))

@@ -237,7 +237,8 @@ BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")
 @recipe("bd3lm")
 def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "first_hitting",
           steps: int | None = None, threshold: float = 0.9, kv_cache: bool = True,
-          window: int | None = None) -> BlockUnmask:
+          window: int | None = None, sub_block: int | None = None,
+          cache: str = "none") -> BlockUnmask:
     """BD3-LM block diffusion (Arriola et al., 2025), for networks trained with blocks: blocks
     of `block_size` (None: the network's; it must equal it) generated left to right, each
     denoised by `policy` given the committed blocks before it:
@@ -259,10 +260,22 @@ def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "firs
     committed positions in view: the oldest block leaves the cache first, so samples may be
     longer than the training context. The length must be a multiple of b. `stop_at_eos` ends
     a sample at its first EOS (variable length): later blocks are never generated.
-    Nucleus / top-k / temperature apply inside blocks as everywhere."""
+    Nucleus / top-k / temperature apply inside blocks as everywhere.
+
+    `sub_block` cuts each block into sub-blocks of that many positions, decoded left to right
+    by the policy (Fast-dLLM v2; `steps` are then shared between them); `cache='dual'` adds
+    Fast-dLLM v2's sub-block cache: the block's keys/values are cached when a sub-block
+    starts and the steps inside it run the sub-block alone."""
     _check_positive("block_size", block_size)
     _check_positive("steps", steps)
     _check_positive("window", window)
+    _check_positive("sub_block", sub_block)
+    if cache not in ("none", "dual"):
+        raise ValueError(f"cache={cache!r}; allowed for bd3lm: none, dual (Fast-dLLM v2's "
+                         "sub-block cache)")
+    if cache == "dual" and (sub_block is None or not kv_cache):
+        raise ValueError("cache='dual' (Fast-dLLM v2's sub-block cache) needs sub_block and "
+                         "kv_cache=True")
     if policy not in BLOCK_POLICIES:
         raise ValueError(f"policy={policy!r}; allowed: {', '.join(BLOCK_POLICIES)}")
     if steps is not None and policy in ("first_hitting", "threshold"):
@@ -280,7 +293,9 @@ def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "firs
                                 score=scores.Probability(), steps=steps)
     else:
         inner = decoding.unmask(select=select.Threshold(threshold), score=scores.Probability())
-    return BlockUnmask(inner, block_size=block_size, kv_cache=bool(kv_cache), window=window)
+    return BlockUnmask(dataclasses.replace(inner, block_length=sub_block),
+                       block_size=block_size, kv_cache=bool(kv_cache), window=window,
+                       sub_cache=cache == "dual")
 
 
 @recipe("edlm")
