@@ -7,9 +7,9 @@ threshold decoding (`fast_dllm` at `--caches_threshold`), in semi-autoregressive
 - a randomly initialised LLaDA-layout model (`pretrained_benchmarks.write_random_folder`,
   imported like a real folder) at `--caches_lengths` generated tokens after a 64-token
   prompt, batch 1: tokens/s (median of `--caches_repeats` runs; one above 512 tokens),
-  token forwards per generated token, and the agreement of the generated tokens with the uncached sampler's
-  (greedy, same key); the model is random, so agreement is a worst case: its predictions
-  are near ties that any approximation may flip;
+  token forwards per generated token, and the agreement of the generated tokens with the
+  uncached sampler's (greedy, same key); the model is random, so agreement is a worst case:
+  its predictions are near ties that any approximation may flip;
 - the SFT task models of the `tasks` suite (`--caches_task_runs`, TASK=WORKDIR; a task
   without one is trained as the `tasks` suite trains it): accuracy ± s.e., NFE, token
   forwards per answer token and answer tokens/s over the first `--caches_num_examples`

@@ -22,6 +22,7 @@ __all__ = [
     "MaskSpec",
     "Transformer",
     "attend",
+    "attention_flops",
     "build_model",
     "model_config",
     "param_count",

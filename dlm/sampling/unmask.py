@@ -176,7 +176,7 @@ class Unmask:
         return logits_BLV, state.called(length, stale).replace(cache=(logits_BLV,
                                                                       state.tokens_BL))
 
-    def _window_start(self, blocks: "_Blocks", length: int) -> jax.Array:
+    def _window_start(self, blocks: _Blocks, length: int) -> jax.Array:
         """int32 [B]: the first position of each row's update window."""
         window = self.window_size(length)
         return jnp.clip(blocks.active_start_B, 0, length - window).astype(jnp.int32)
