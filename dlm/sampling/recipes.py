@@ -22,6 +22,7 @@ from dlm.sampling import categorical, kv_reuse, scores, select, times, transform
 from dlm.sampling.block_unmask import BlockUnmask
 from dlm.sampling.engine import Sampler, StepRule
 from dlm.sampling.importance import ImportanceUnmask
+from dlm.sampling.jacobi import Jacobi
 from dlm.sampling.next_token import NextToken
 from dlm.sampling.stop import Stop
 from dlm.sampling.unmask import Unmask
@@ -229,6 +230,20 @@ def fast_dllm(decoding: Decoding, threshold: float = 0.9, factor: float | None =
 def ar(decoding: Decoding) -> NextToken:
     """Autoregressive decoding with the KV cache: ancestral at temperature 1, greedy at 0."""
     return NextToken(proposal=decoding.proposal, transforms=decoding.chain)
+
+
+@recipe("jacobi", temperature=0.0)
+def jacobi(decoding: Decoding, window: int = 8) -> Jacobi:
+    """Jacobi decoding of an AR model (Santilli et al., 2023; the decoder of Jacobi
+    Forcing): `window` guesses for the next positions are refined in one call each step and
+    every prediction whose guesses before it were right is committed, so the output is
+    greedy decoding's (`ar` at temperature 0) exactly, in at most as many calls. Greedy
+    only: temperature must be 0."""
+    _check_positive("window", window, allow_none=False)
+    if decoding.temperature != 0:
+        raise ValueError(f"jacobi decodes greedily (its fixed point is greedy decoding); "
+                         f"temperature={decoding.temperature} must be 0")
+    return Jacobi(window=window, transforms=decoding.chain)
 
 
 BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")
