@@ -51,7 +51,6 @@ _NUM_EXAMPLES = flags.DEFINE_integer("caches_num_examples", 200, "Test prompts p
 _TASK_BATCH = flags.DEFINE_integer("caches_task_batch_size", 100, "Prompts answered together.")
 
 PROMPT_LEN = 64
-RUNS: dict[str, str] = {}  # task -> the run decoded, with its training steps
 
 
 def _decodings(block: int, threshold: float, length: int | None = None) -> list[tuple]:
@@ -119,16 +118,17 @@ def _task_workdir(task: str, root: pathlib.Path) -> pathlib.Path:
     return workdir
 
 
-def measure_tasks(root: pathlib.Path) -> list[dict]:
-    """One row per (task, decoding, policy) on the tasks' MDLM SFT runs."""
+def measure_tasks(root: pathlib.Path) -> tuple[list[dict], dict[str, str]]:
+    """(one row per (task, decoding, policy) on the tasks' MDLM SFT runs, {task: the run
+    decoded, with its training steps})."""
     from dlm import runs
 
-    rows = []
+    rows, decoded = [], {}
     for task in _TASKS.value:
         workdir = _task_workdir(task, root)
         checkpoints = [int(p.name) for p in (workdir / "checkpoints").iterdir()
                        if p.name.isdigit()]
-        RUNS[task] = f"{workdir} ({max(checkpoints)} steps)"
+        decoded[task] = f"{workdir} ({max(checkpoints)} steps)"
         for label, name, options in _decodings(_TASK_BLOCK.value, _THRESHOLD.value):
             for policy in _POLICIES.value:
                 summary = runs.evaluate_task(
@@ -137,7 +137,7 @@ def measure_tasks(root: pathlib.Path) -> list[dict]:
                 rows.append({"task": task, "decoding": label, "cache": policy, **summary})
                 print({k: rows[-1][k] for k in ("task", "decoding", "cache", "accuracy",
                                                  "tokens_per_second")}, flush=True)
-    return rows
+    return rows, decoded
 
 
 def _speedup(rows, row) -> float:
@@ -195,7 +195,7 @@ def caches_section(command: str) -> str:
         random_rows = measure_random(pathlib.Path(tmp) / "llada")
     root = pathlib.Path(flags.FLAGS["tasks_workdir"].value or tempfile.mkdtemp(
         prefix="dlm_caches_"))
-    task_rows = measure_tasks(root)
+    task_rows, decoded = measure_tasks(root)
     random_table = [
         f"| {r['length']} | {r['decoding']} | {r['cache']} | {r['tokens_per_second']:.1f} | "
         f"{_speedup(random_rows, r):.2f}x | {r['nfe']} | {r['forwards_per_token']:.1f} | "
@@ -234,7 +234,7 @@ def caches_section(command: str) -> str:
         f"Task models (MDLM SFT runs of the `tasks` suite), blocks of "
         f"{_TASK_BLOCK.value}, the first {_NUM_EXAMPLES.value} test prompts, "
         f"{_TASK_BATCH.value} per batch; ± the binomial standard error. Runs: "
-        + "; ".join(f"{task}: `{where}`" for task, where in RUNS.items()) + ":",
+        + "; ".join(f"{task}: `{where}`" for task, where in decoded.items()) + ":",
         "",
         "| task | decoding | cache | accuracy | NFE | forwards/token | tokens/s | speed-up |",
         "|---|---|---|---|---|---|---|---|",

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from dlm.sampling import unmask as unmask_lib
 from dlm.sampling.state import SamplerState
 from dlm.sampling.unmask import Unmask
 
@@ -171,31 +170,28 @@ class BlockUnmask:
             tokens_BL=cut(state.tokens_BL), known_BL=cut(state.known_BL),
             confidence_BL=cut(state.confidence_BL), commit_step_BL=cut(state.commit_step_BL),
             t_B=t_B, step=state.step - block_start, cache=None)
-        kv, encoded, nfe, sub_B = carry.kv, carry.encoded, state.nfe, carry.sub_B
-        encoded_before = encoded
+        kv, encoded, sub_B = carry.kv, carry.encoded, carry.sub_B
         step_positions = length  # query positions of this step's call, per row
         if rule.kv_cache:
-            kv, encoded, nfe = rule.encode_before(network, params, state.tokens_BL, block,
-                                                   (kv, encoded, nfe))
-            tokens_BT = sub.tokens_BL
+            kv, encoded, _ = rule.encode_before(network, params, state.tokens_BL, block,
+                                                 (kv, encoded, state.nfe))
             if rule.sub_cache:
                 logits_BTV, kv, sub_B, step_positions = rule._sub_block_logits(
                     network, params, sub, kv, start, new_block, carry.sub_B)
             else:
-                logits_BTV, _ = network.decode_fn(params, tokens_BT, kv,
+                logits_BTV, _ = network.decode_fn(params, sub.tokens_BL, kv,
                                                   block_positions(start, batch, b))
                 step_positions = b
         else:
             logits_BLV = network.forward_fn(params, state.tokens_BL)
             logits_BTV = lax.dynamic_slice_in_dim(logits_BLV, start, b, axis=1)
 
-        sub = sub.replace(nfe=nfe + 1)
         after = rule.inner.update(network, sub, logits_BTV.astype(jnp.float32), key)
         committed_BT = sub.open_BL(mask_id) & ~after.open_BL(mask_id)
         commit_step_BT = jnp.where(committed_BT, state.step, sub.commit_step_BL)
         # An encoding call runs one block, the step's call the block (a sub-block with the
         # sub-block cache) with the cache, the whole sequence without it.
-        state = state.called(b, encoded - encoded_before).called(step_positions)
+        state = state.called(b, encoded - carry.encoded).called(step_positions)
         return state.replace(
             tokens_BL=paste(state.tokens_BL, after.tokens_BL),
             confidence_BL=paste(state.confidence_BL, after.confidence_BL),
@@ -218,9 +214,8 @@ class BlockUnmask:
         b = self._resolved_block_size()
         s = self.inner.window_size(b)
         batch = sub.tokens_BL.shape[0]
-        blocks = unmask_lib._blocks(sub, sub.open_BL(network.vocab.mask_id), s)
-        window_start_B = self.inner._window_start(blocks, b)
-        idx_BS = window_start_B[:, None] + jnp.arange(s, dtype=jnp.int32)
+        blocks = self.inner.blocks(sub, sub.open_BL(network.vocab.mask_id))
+        idx_BS = blocks.window_start_B[:, None] + jnp.arange(s, dtype=jnp.int32)
         refresh = new_block | jnp.any((blocks.active_B != last_sub_B) & ~sub.done_B)
 
         def whole_block():

@@ -213,11 +213,11 @@ def init(network, batch: int, length: int) -> ReuseCarry:
                       refreshed_B=minus_one)
 
 
-def cached_logits(policy, network, params, state: SamplerState, window_start_B: jax.Array,
-                  window: int, block_B: jax.Array, block_start_B: jax.Array, mask_id: int
-                  ) -> tuple[jax.Array, SamplerState]:
-    """The logits [B, window, V] of each row's update window (window_start_B + arange) and
-    the state with the carry, nfe and token forwards updated.
+def cached_logits(policy, network, params, state: SamplerState, blocks, window: int,
+                  mask_id: int) -> tuple[jax.Array, SamplerState]:
+    """The logits [B, window, V] of each row's update window (`blocks`, an `unmask.Blocks`:
+    window_start_B + arange(window)) and the state with the carry, nfe and token forwards
+    updated.
 
     One partial call serves every row: its query set holds, per row, the update window
     first, then the positions the policy needs, then fill; a row that refreshes writes all
@@ -230,17 +230,17 @@ def cached_logits(policy, network, params, state: SamplerState, window_start_B: 
     carry: ReuseCarry = state.cache
     batch, length = state.tokens_BL.shape
     positions_L = jnp.arange(length, dtype=jnp.int32)
-    start_B1 = window_start_B[:, None]
+    start_B1 = blocks.window_start_B[:, None]
     window_BL = (positions_L >= start_B1) & (positions_L < start_B1 + window)
     running_B = ~state.done_B
-    refresh_B = block_B != carry.block_B
+    refresh_B = blocks.active_B != carry.block_B
     if policy.every:
         refresh_B |= state.step - carry.refreshed_B >= policy.every
     refresh_B &= running_B
 
     committed_last_BL = (state.commit_step_BL == state.step - 1) & (state.commit_step_BL >= 0)
     scope = Scope(open_BL=state.open_BL(mask_id), committed_last_BL=committed_last_BL,
-                  block_start_B=block_start_B, window_BL=window_BL, window=window)
+                  block_start_B=blocks.active_start_B, window_BL=window_BL, window=window)
     need_BL = policy.need_BL(scope) | window_BL
     write_BL = need_BL | refresh_B[:, None]
     sizes = tuple(sorted({*policy.sizes(window, length), length}))
@@ -264,6 +264,6 @@ def cached_logits(policy, network, params, state: SamplerState, window_start_B: 
 
     logits_BWV, kv = lax.switch(branch, [partial(size) for size in sizes])
     state = state.called(sizes_S[own_branch_B])
-    carry = ReuseCarry(kv=kv, block_B=jnp.where(refresh_B, block_B, carry.block_B),
+    carry = ReuseCarry(kv=kv, block_B=jnp.where(refresh_B, blocks.active_B, carry.block_B),
                        refreshed_B=jnp.where(refresh_B, state.step, carry.refreshed_B))
     return logits_BWV, state.replace(cache=carry)

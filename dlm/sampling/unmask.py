@@ -99,12 +99,10 @@ class Unmask:
         if self.kv is None:
             logits, state = self._logits(network, params, state)
         else:
-            length = state.tokens_BL.shape[1]
-            blocks = _blocks(state, state.open_BL(network.vocab.mask_id), self.block_length)
+            mask_id = network.vocab.mask_id
             logits, state = kv_reuse.cached_logits(
-                self.kv, network, params, state, self._window_start(blocks, length),
-                self.window_size(length), blocks.active_B, blocks.active_start_B,
-                network.vocab.mask_id)
+                self.kv, network, params, state, self.blocks(state, state.open_BL(mask_id)),
+                self.window_size(state.tokens_BL.shape[1]), mask_id)
         return self.update(network, state, logits, key)
 
     def update(self, network, state: SamplerState, logits_BLV: jax.Array,
@@ -122,11 +120,10 @@ class Unmask:
         batch, length = state.tokens_BL.shape
         time_key, proposal_key, score_key, select_key = jax.random.split(key, 4)
         open_BL = state.open_BL(vocab.mask_id)
-        blocks = _blocks(state, open_BL, self.block_length)
+        blocks = self.blocks(state, open_BL)
         window = None if propose is not None else self.window_size(length)
         if window is not None:  # only the active block can commit: work on it alone
-            idx_BW = (self._window_start(blocks, length)[:, None]
-                      + jnp.arange(window, dtype=jnp.int32))
+            idx_BW = blocks.window_start_B[:, None] + jnp.arange(window, dtype=jnp.int32)
             if logits_BLV.shape[1] != window:
                 logits_BLV = jnp.take_along_axis(logits_BLV, idx_BW[..., None], axis=1)
         log_probs_BLV = transforms.log_probs(logits_BLV, self.transforms, vocab)
@@ -176,33 +173,32 @@ class Unmask:
         return logits_BLV, state.called(length, stale).replace(cache=(logits_BLV,
                                                                       state.tokens_BL))
 
-    def _window_start(self, blocks: _Blocks, length: int) -> jax.Array:
-        """int32 [B]: the first position of each row's update window."""
-        window = self.window_size(length)
-        return jnp.clip(blocks.active_start_B, 0, length - window).astype(jnp.int32)
+    def blocks(self, state: SamplerState, open_BL: jax.Array) -> Blocks | None:
+        """Each row's semi-autoregressive blocks and update window (None without blocks);
+        `open_BL` is `state.open_BL(mask_id)`."""
+        if self.block_length is None:
+            return None
+        length = open_BL.shape[1]
+        start_B = jnp.argmax(~state.known_BL, axis=-1)
+        block_BL = (jnp.arange(length) - start_B[:, None]) // self.block_length
+        active_B = jnp.min(jnp.where(open_BL, block_BL, length), axis=-1).astype(jnp.int32)
+        active_start_B = (start_B + active_B * self.block_length).astype(jnp.int32)
+        window_start_B = jnp.clip(active_start_B, 0, length - self.window_size(length))
+        return Blocks(block_BL=block_BL, active_B=active_B, active_start_B=active_start_B,
+                      window_start_B=window_start_B.astype(jnp.int32))
 
 
 @struct.dataclass
-class _Blocks:
+class Blocks:
     """Each row's semi-autoregressive blocks (counted from its first generable position)."""
 
     block_BL: jax.Array  # int32 [B, L]: the block of each position
     active_B: jax.Array  # int32 [B]: the first block with an open position (L: none)
     active_start_B: jax.Array  # int32 [B]: its first position
+    window_start_B: jax.Array  # int32 [B]: the first position of the update window
 
 
-def _blocks(state: SamplerState, open_BL, block_length: int | None) -> _Blocks | None:
-    if block_length is None:
-        return None
-    length = open_BL.shape[1]
-    start_B = jnp.argmax(~state.known_BL, axis=-1)
-    block_BL = (jnp.arange(length) - start_B[:, None]) // block_length
-    active_B = jnp.min(jnp.where(open_BL, block_BL, length), axis=-1).astype(jnp.int32)
-    return _Blocks(block_BL=block_BL, active_B=active_B,
-                   active_start_B=(start_B + active_B * block_length).astype(jnp.int32))
-
-
-def _scope(state: SamplerState, open_BL, scores_BL, blocks: _Blocks | None,
+def _scope(state: SamplerState, open_BL, scores_BL, blocks: Blocks | None,
            steps: int) -> select.Candidates:
     """Candidates restricted to each row's current scope: all open positions, or those of
     the first block that still has one."""
