@@ -147,58 +147,98 @@ class BlockUnmask:
 
     def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
         rule = self.for_network(network)
-        b = rule.block_size
-        batch, length = state.tokens_BL.shape
-        mask_id = network.vocab.mask_id
-        carry = state.cache
+        state, new_block = rule.enter(network, params, state)
+        if rule.sub_cache:
+            carry = state.cache
+            logits_BTV, kv, sub_B, positions = rule._sub_block_logits(
+                network, params, rule._sub_state(state), carry.kv, carry.block * rule.block_size,
+                new_block, carry.sub_B)
+            state = state.called(positions).replace(cache=carry.replace(kv=kv, sub_B=sub_B))
+        else:
+            logits_BTV = rule.scope_logits(network, params, state)
+            state = state.called(rule.call_positions(state.tokens_BL.shape[1]))
+        return rule.advance(network, state, logits_BTV, key)
 
-        open_BL = state.open_BL(mask_id)
-        open_N = jnp.any(open_BL.reshape(batch, length // b, b), axis=(0, 2))
+    def enter(self, network, params, state: SamplerState) -> tuple[SamplerState, jax.Array]:
+        """The bookkeeping before a step of a rule resolved `for_network`: the current block
+        (the first with an open position in any row), t reset when it is new, and, with the
+        KV cache, the committed blocks before it encoded (their calls counted). Returns
+        (state, whether the block is new)."""
+        b = self._resolved_block_size()
+        batch, length = state.tokens_BL.shape
+        carry = state.cache
+        open_N = jnp.any(state.open_BL(network.vocab.mask_id).reshape(batch, length // b, b),
+                         axis=(0, 2))
         block = jnp.argmax(open_N).astype(jnp.int32)
         new_block = block != carry.block
-        block_start = jnp.where(new_block, state.step, carry.block_start)
-        t_B = jnp.where(new_block, jnp.ones_like(state.t_B), state.t_B)
-        start = block * b
+        kv, encoded = carry.kv, carry.encoded
+        if self.kv_cache:
+            kv, encoded, _ = self.encode_before(network, params, state.tokens_BL, block,
+                                                (kv, encoded, state.nfe))
+        # An encoding call runs one block.
+        state = state.called(b, encoded - carry.encoded).replace(
+            t_B=jnp.where(new_block, jnp.ones_like(state.t_B), state.t_B),
+            cache=carry.replace(kv=kv, encoded=encoded, block=block,
+                                block_start=jnp.where(new_block, state.step,
+                                                      carry.block_start)))
+        return state, new_block
 
-        def cut(x_BL):
-            return lax.dynamic_slice_in_dim(x_BL, start, b, axis=1)
+    def call_positions(self, length: int) -> int:
+        """Query positions per row of one `scope_logits` call: the block with the cache,
+        the whole sequence without it."""
+        return self._resolved_block_size() if self.kv_cache else length
+
+    def scope_done(self, network, state: SamplerState) -> jax.Array:
+        """bool []: no row has an open position left in the current block (after `enter`)."""
+        sub_open_BT = _cut(state.open_BL(network.vocab.mask_id), state.cache.block *
+                           self._resolved_block_size(), self._resolved_block_size())
+        return ~jnp.any(sub_open_BT)
+
+    def scope_logits(self, network, params, state: SamplerState) -> jax.Array:
+        """float32 [B, b, V]: the network's logits for the current block of `state` (after
+        `enter`), against the cache of committed blocks or from a full forward; uncounted."""
+        b = self._resolved_block_size()
+        carry = state.cache
+        start = carry.block * b
+        if self.kv_cache:
+            logits_BTV, _ = network.decode_fn(params, _cut(state.tokens_BL, start, b), carry.kv,
+                                              block_positions(start, state.tokens_BL.shape[0], b))
+        else:
+            logits_BTV = _cut(network.forward_fn(params, state.tokens_BL), start, b)
+        return logits_BTV.astype(jnp.float32)
+
+    def advance(self, network, state: SamplerState, logits_BTV: jax.Array,
+                key: jax.Array) -> SamplerState:
+        """The inner rule's update of the current block (after `enter`) given its logits
+        [B, b or s, V], pasted back into the sequence."""
+        b = self._resolved_block_size()
+        start = state.cache.block * b
+        sub = self._sub_state(state)
+        after = self.inner.update(network, sub, logits_BTV.astype(jnp.float32), key)
+        mask_id = network.vocab.mask_id
+        committed_BT = sub.open_BL(mask_id) & ~after.open_BL(mask_id)
+        commit_step_BT = jnp.where(committed_BT, state.step, sub.commit_step_BL)
 
         def paste(x_BL, x_BT):
             return lax.dynamic_update_slice_in_dim(x_BL, x_BT, start, axis=1)
 
-        sub = state.replace(
-            tokens_BL=cut(state.tokens_BL), known_BL=cut(state.known_BL),
-            confidence_BL=cut(state.confidence_BL), commit_step_BL=cut(state.commit_step_BL),
-            t_B=t_B, step=state.step - block_start, cache=None)
-        kv, encoded, sub_B = carry.kv, carry.encoded, carry.sub_B
-        step_positions = length  # query positions of this step's call, per row
-        if rule.kv_cache:
-            kv, encoded, _ = rule.encode_before(network, params, state.tokens_BL, block,
-                                                 (kv, encoded, state.nfe))
-            if rule.sub_cache:
-                logits_BTV, kv, sub_B, step_positions = rule._sub_block_logits(
-                    network, params, sub, kv, start, new_block, carry.sub_B)
-            else:
-                logits_BTV, _ = network.decode_fn(params, sub.tokens_BL, kv,
-                                                  block_positions(start, batch, b))
-                step_positions = b
-        else:
-            logits_BLV = network.forward_fn(params, state.tokens_BL)
-            logits_BTV = lax.dynamic_slice_in_dim(logits_BLV, start, b, axis=1)
-
-        after = rule.inner.update(network, sub, logits_BTV.astype(jnp.float32), key)
-        committed_BT = sub.open_BL(mask_id) & ~after.open_BL(mask_id)
-        commit_step_BT = jnp.where(committed_BT, state.step, sub.commit_step_BL)
-        # An encoding call runs one block, the step's call the block (a sub-block with the
-        # sub-block cache) with the cache, the whole sequence without it.
-        state = state.called(b, encoded - carry.encoded).called(step_positions)
         return state.replace(
             tokens_BL=paste(state.tokens_BL, after.tokens_BL),
             confidence_BL=paste(state.confidence_BL, after.confidence_BL),
             commit_step_BL=paste(state.commit_step_BL, commit_step_BT),
-            t_B=after.t_B,
-            cache=BlockCarry(kv=kv, encoded=encoded, block=block, block_start=block_start,
-                             sub_B=sub_B))
+            t_B=after.t_B)
+
+    def _sub_state(self, state: SamplerState) -> SamplerState:
+        """The current block of `state` as a sequence of b tokens, its step counted from the
+        block's start (what the inner rule sees)."""
+        b = self._resolved_block_size()
+        carry = state.cache
+        start = carry.block * b
+        return state.replace(
+            tokens_BL=_cut(state.tokens_BL, start, b), known_BL=_cut(state.known_BL, start, b),
+            confidence_BL=_cut(state.confidence_BL, start, b),
+            commit_step_BL=_cut(state.commit_step_BL, start, b),
+            step=state.step - carry.block_start, cache=None)
 
     def _sub_block_logits(self, network, params, sub: SamplerState, kv, start, new_block,
                           last_sub_B):
@@ -265,6 +305,10 @@ class BlockUnmask:
         if self.block_size is None:
             raise ValueError("block_size is the network's: resolve it with for_network first")
         return self.block_size
+
+
+def _cut(x_BL: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    return lax.dynamic_slice_in_dim(x_BL, start, size, axis=1)
 
 
 def block_positions(start: jax.Array, batch: int, block_size: int) -> jax.Array:

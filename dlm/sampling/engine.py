@@ -59,7 +59,7 @@ class Sampler:
     stop: stop_lib.Stop = stop_lib.Stop()
 
 
-def _keep_done(before: SamplerState, after: SamplerState) -> SamplerState:
+def keep_done(before: SamplerState, after: SamplerState) -> SamplerState:
     """Rows that were done before the step keep their tokens and statistics."""
     done_B = before.done_B
     done_BL = done_B[:, None]
@@ -98,7 +98,7 @@ def run(sampler: Sampler, network, params, tokens_BL: jax.Array, known_BL: jax.A
 
     def body_fn(state: SamplerState) -> SamplerState:
         key = jax.random.fold_in(state.rng, state.step)
-        after = _keep_done(state, rule.step(network, params, state, key))
+        after = keep_done(state, rule.step(network, params, state, key))
         after = sampler.stop.update(after, vocab)
         return after.replace(step=state.step + 1)
 

@@ -21,6 +21,7 @@ from dlm.registry import Registry
 from dlm.sampling import categorical, kv_reuse, scores, select, times, transforms
 from dlm.sampling.block_unmask import BlockUnmask
 from dlm.sampling.engine import Sampler, StepRule
+from dlm.sampling.freedave import FreeDave
 from dlm.sampling.importance import ImportanceUnmask
 from dlm.sampling.jacobi import Jacobi
 from dlm.sampling.next_token import NextToken
@@ -226,6 +227,20 @@ def fast_dllm(decoding: Decoding, threshold: float = 0.9, factor: float | None =
                                   block_length))
 
 
+@recipe("freedave", temperature=0.0)
+def freedave(decoding: Decoding, drafts: int = 4, steps: int | None = None,
+             block_length: int | None = 32, remasking: str = "low_confidence") -> FreeDave:
+    """FreeDave (Wu & Zhang, 2025): `llada`'s static decode (its `steps`, `block_length`,
+    `remasking`; by default one token per step) drafted `drafts` steps ahead from one
+    forward and verified by one batched call on the drafts (K = `drafts` sequences per
+    call: the compute budget), keeping the longest run of drafts that are the static
+    decode's states. The output is `llada`'s under the same key, token for token (greedy or
+    not), in at most as many network calls."""
+    _check_positive("drafts", drafts, allow_none=False)
+    return FreeDave(llada(decoding, steps=steps, block_length=block_length,
+                          remasking=remasking), drafts=drafts, stop=decoding.stop)
+
+
 @recipe("ar")
 def ar(decoding: Decoding) -> NextToken:
     """Autoregressive decoding with the KV cache: ancestral at temperature 1, greedy at 0."""
@@ -253,7 +268,7 @@ BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")
 def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "first_hitting",
           steps: int | None = None, threshold: float = 0.9, kv_cache: bool = True,
           window: int | None = None, sub_block: int | None = None,
-          cache: str = "none") -> BlockUnmask:
+          cache: str = "none", freedave: int = 0) -> BlockUnmask | FreeDave:
     """BD3-LM block diffusion (Arriola et al., 2025), for networks trained with blocks: blocks
     of `block_size` (None: the network's; it must equal it) generated left to right, each
     denoised by `policy` given the committed blocks before it:
@@ -280,7 +295,11 @@ def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "firs
     `sub_block` cuts each block into sub-blocks of that many positions, decoded left to right
     by the policy (Fast-dLLM v2; `steps` are then shared between them); `cache='dual'` adds
     Fast-dLLM v2's sub-block cache: the block's keys/values are cached when a sub-block
-    starts and the steps inside it run the sub-block alone."""
+    starts and the steps inside it run the sub-block alone.
+
+    `freedave` (K > 0) verifies K drafted steps per call (FreeDave, see the `freedave`
+    sampler): the same samples under the same key in fewer calls, the drafts staying in the
+    current block (no sub-block cache)."""
     _check_positive("block_size", block_size)
     _check_positive("steps", steps)
     _check_positive("window", window)
@@ -308,9 +327,12 @@ def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "firs
                                 score=scores.Probability(), steps=steps)
     else:
         inner = decoding.unmask(select=select.Threshold(threshold), score=scores.Probability())
-    return BlockUnmask(dataclasses.replace(inner, block_length=sub_block),
+    rule = BlockUnmask(dataclasses.replace(inner, block_length=sub_block),
                        block_size=block_size, kv_cache=bool(kv_cache), window=window,
                        sub_cache=cache == "dual")
+    if not isinstance(freedave, int) or isinstance(freedave, bool) or freedave < 0:
+        raise ValueError(f"freedave={freedave!r} must be an int >= 0 (0: off)")
+    return FreeDave(rule, drafts=freedave, stop=decoding.stop) if freedave else rule
 
 
 @recipe("edlm")

@@ -159,10 +159,31 @@ class Unmask:
     def _caches(self, network) -> bool:
         return self.cache_logits and not network.time_conditioned
 
+    # The parts of a step that `freedave.FreeDave` verifies drafts with (as BlockUnmask's).
+    def enter(self, network, params, state: SamplerState) -> tuple[SamplerState, jax.Array]:
+        """Nothing to set up before a step; (state, False)."""
+        del network, params
+        return state, jnp.zeros((), bool)
+
+    def call_positions(self, length: int) -> int:
+        return length
+
+    def scope_done(self, network, state: SamplerState) -> jax.Array:
+        """bool []: no row has an open position left."""
+        return ~jnp.any(state.open_BL(network.vocab.mask_id))
+
+    def scope_logits(self, network, params, state: SamplerState) -> jax.Array:
+        """float32 [B, L, V]: the full forward of `state`, uncounted."""
+        return network.apply_fn(params, state.tokens_BL, state.t_B).astype(jnp.float32)
+
+    def advance(self, network, state: SamplerState, logits_BLV: jax.Array,
+                key: jax.Array) -> SamplerState:
+        return self.update(network, state, logits_BLV, key)
+
     def _logits(self, network, params, state: SamplerState):
         """(logits_BLV, state with nfe and cache updated)."""
         def call():
-            return network.apply_fn(params, state.tokens_BL, state.t_B).astype(jnp.float32)
+            return self.scope_logits(network, params, state)
 
         length = state.tokens_BL.shape[1]
         if not self._caches(network):
