@@ -1,5 +1,6 @@
 """Jacobi decoding against the `ar` sampler's greedy decoding (its fixed point), on a tiny
-random causal transformer and on a toy LM whose guesses converge."""
+random causal transformer and on toy LMs whose guesses converge (and, for rejection
+recycling, one whose greedy output is a cycle that a pooled n-gram continues)."""
 
 import dataclasses
 
@@ -58,6 +59,20 @@ def test_jacobi_equals_greedy(causal, window):
         _draw(network, params, "ar", temperature=0.0, stop_at_eos=True).tokens_BL)
 
 
+@pytest.mark.parametrize("options", [{"window": 3, "blocks": 2}, {"window": 4, "pool": 3},
+                                     {"window": 2, "blocks": 2, "pool": 2}])
+def test_blocks_and_rejection_recycling_never_change_the_output(causal, options):
+    network, params = causal
+    greedy = _draw(network, params, "ar", temperature=0.0)
+    jacobi = _draw(network, params, "jacobi", **options)
+    np.testing.assert_array_equal(jacobi.tokens_BL, greedy.tokens_BL)
+    assert int(jacobi.nfe) <= int(greedy.nfe)
+    windows = 1 + options.get("pool", 0)
+    k = options["window"] * options.get("blocks", 1)
+    assert np.asarray(jacobi.token_forwards_B).tolist() == [
+        2 + windows * k * (int(jacobi.nfe) - 1)] * 2
+
+
 def test_rows_with_different_context_equal_each_row_alone(causal):
     network, params = causal
     rng = np.random.default_rng(0)
@@ -110,8 +125,47 @@ def test_converged_guesses_commit_a_whole_window_per_call():
     assert int(jacobi.nfe) <= 9
 
 
+@dataclasses.dataclass(frozen=True)
+class _Cycle:
+    """A toy LM whose greedy output cycles 1, 2, ..., 5, 1, 2, ...: the next token is
+    fed + 1 (after 5: 1); after the mask id (0) or another token it predicts 1."""
+
+    def __call__(self, params, tokens_BT, cache):
+        following = jnp.where(tokens_BT == 0, 1, tokens_BT % 5 + 1)
+        logits = 10.0 * jax.nn.one_hot(jnp.where(tokens_BT >= 6, 1, following), 7)
+        return logits, cache.replace(length=cache.length + tokens_BT.shape[1])
+
+
+def test_a_recycled_n_gram_that_continues_greedy_commits_a_whole_window():
+    network = sampling.CausalLM(_Cycle(), _InitCache(), sampling.Vocab(mask_id=0))
+    rule = sampling.get_sampler("jacobi", window=4, pool=2).rule
+    tokens_BL = np.zeros((1, 12), np.int32)
+    tokens_BL[0, 0] = 1
+    known_BL = tokens_BL != 0
+    state = sampling.state.SamplerState.start(jnp.asarray(tokens_BL), jnp.asarray(known_BL),
+                                              jax.random.PRNGKey(0), 0)
+    state = rule.init(network, {}, state, prefix_len=1)
+    plain = rule.step(network, {}, state, jax.random.PRNGKey(0))
+    assert np.asarray(plain.tokens_BL[0, :3]).tolist() == [1, 2, 0]  # mask guesses: one token
+    # A pooled window holding the last committed token (1) followed by greedy's 2, 3, 4: its
+    # continuation is verified beside the plain guesses and wins.
+    pool_BPK = jnp.asarray([[[1, 2, 3, 4], [9, 9, 9, 9]]], jnp.int32)
+    state = state.replace(cache=state.cache.replace(pool_BPK=pool_BPK, newest=jnp.int32(1)))
+    recycled = rule.step(network, {}, state, jax.random.PRNGKey(0))
+    assert np.asarray(recycled.tokens_BL[0, :6]).tolist() == [1, 2, 3, 4, 5, 0]
+    assert int(recycled.nfe) == 1 and int(recycled.token_forwards_B[0]) == 3 * 4
+    # The newest pooled window is never recycled (the plain guesses continue it already).
+    state = state.replace(cache=state.cache.replace(newest=jnp.int32(0)))
+    assert np.asarray(rule.step(network, {}, state, jax.random.PRNGKey(0)).tokens_BL[
+        0, :3]).tolist() == [1, 2, 0]
+
+
 def test_jacobi_options_are_checked():
     with pytest.raises(ValueError, match="temperature=1.0 must be 0"):
         sampling.get_sampler("jacobi", temperature=1.0)
     with pytest.raises(ValueError, match="window=0 must be a positive int"):
         sampling.get_sampler("jacobi", window=0)
+    with pytest.raises(ValueError, match="pool=-1 must be an int >= 0"):
+        sampling.get_sampler("jacobi", pool=-1)
+    with pytest.raises(ValueError, match="blocks=0 must be an int >= 1"):
+        sampling.get_sampler("jacobi", blocks=0)

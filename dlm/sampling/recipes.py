@@ -248,17 +248,20 @@ def ar(decoding: Decoding) -> NextToken:
 
 
 @recipe("jacobi", temperature=0.0)
-def jacobi(decoding: Decoding, window: int = 8) -> Jacobi:
+def jacobi(decoding: Decoding, window: int = 8, blocks: int = 1, pool: int = 0) -> Jacobi:
     """Jacobi decoding of an AR model (Santilli et al., 2023; the decoder of Jacobi
     Forcing): `window` guesses for the next positions are refined in one call each step and
     every prediction whose guesses before it were right is committed, so the output is
     greedy decoding's (`ar` at temperature 0) exactly, in at most as many calls. Greedy
-    only: temperature must be 0."""
+    only: temperature must be 0. Jacobi Forcing's multi-block decoding refines `blocks`
+    windows together; its rejection recycling (`pool` > 0) also verifies, in the same
+    batched call, the `pool` latest predicted windows continued from the last committed
+    token, keeping the longest accepted run (the output never changes)."""
     _check_positive("window", window, allow_none=False)
     if decoding.temperature != 0:
         raise ValueError(f"jacobi decodes greedily (its fixed point is greedy decoding); "
                          f"temperature={decoding.temperature} must be 0")
-    return Jacobi(window=window, transforms=decoding.chain)
+    return Jacobi(window=window, transforms=decoding.chain, blocks=blocks, pool=pool)
 
 
 BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")
