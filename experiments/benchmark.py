@@ -20,6 +20,8 @@ Suites:
                       `experiments.pretrained_benchmarks`.
   caches              approximate KV caches (prefix, dual, dKV, FreeCache, dInfer) against
                       the uncached samplers: see `experiments.cache_benchmarks`.
+  speculative         FreeDave, Jacobi decoding and DiffuSpec against the decodes whose
+                      output they promise: see `experiments.speculative_benchmarks`.
 
 Each suite replaces its own section of the file and leaves the others alone; every
 section records the command, the machine and the date. Figures are medians.
@@ -46,12 +48,13 @@ from experiments import (
     pretrained_benchmarks,
     report,
     sdtt_benchmarks,
+    speculative_benchmarks,
     task_benchmarks,
 )
 
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
                             "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost, "
-                            "edlm, sdtt, tasks, pretrained_memory, caches.")
+                            "edlm, sdtt, tasks, pretrained_memory, caches, speculative.")
 _SIZES = flags.DEFINE_list("sizes", ["micro", "tiny"], "Model sizes for `throughput`.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch for `throughput`.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Sequence length for `throughput`.")
@@ -467,7 +470,8 @@ def main(argv):
               "edlm": edlm_benchmarks.edlm_section,
               "sdtt": sdtt_benchmarks.sdtt_section, "tasks": task_benchmarks.tasks_section,
               "pretrained_memory": pretrained_benchmarks.memory_section,
-              "caches": cache_benchmarks.caches_section}
+              "caches": cache_benchmarks.caches_section,
+              "speculative": speculative_benchmarks.speculative_section}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")

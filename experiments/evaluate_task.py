@@ -45,6 +45,9 @@ _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Checkpoint to load (default: latest).")
 _USE_EMA = flags.DEFINE_bool("use_ema", None,
                              "Use the EMA weights (default: the run's eval.use_ema).")
+_DRAFTER = flags.DEFINE_string("drafter_workdir", None,
+                               "The masked diffusion run drafting for the AR --workdir "
+                               "(--sampler=diffuspec).")
 flags.mark_flags_as_required(["workdir"])
 distributed.define_flags()
 
@@ -60,7 +63,7 @@ def main(parsed):
         length=_LENGTH.value, max_new_tokens=_MAX_NEW_TOKENS.value, steps=_STEPS.value,
         overrides=overrides, seed=_SEED.value, checkpoint_step=_CHECKPOINT_STEP.value,
         use_ema=_USE_EMA.value, chat=run_flags.CHAT.value,
-        model_parallel=run_flags.MODEL_PARALLEL.value)
+        model_parallel=run_flags.MODEL_PARALLEL.value, drafter_workdir=_DRAFTER.value)
     if distributed.is_main_process():
         print(json.dumps(summary))
 

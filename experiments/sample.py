@@ -2,7 +2,7 @@ r"""Samples from a trained run and scores the samples.
 
     python -m experiments.sample --workdir=DIR --sampler=NAME --num_samples=N --length=L \
         [--steps=S] [--prompt=TEXT] [--seed=N] [--judge_workdir=DIR] \
-        [--energy_workdir=DIR] [--chat] [--model_parallel=N] \
+        [--energy_workdir=DIR] [--drafter_workdir=DIR] [--chat] [--model_parallel=N] \
         [--sampler_config.KEY=VALUE ...] --out=FILE.jsonl
 
 Writes one JSON object per sample (`text`, `tokens` (the whole sequence, prompt included),
@@ -11,7 +11,8 @@ prints one summary line (`sampler`, `num_samples`, `tokens_per_second`, `mean_nf
 `entropy`, `compile_seconds`, and `gen_ppl` with a judge). `--sampler_config.KEY=VALUE` sets
 any option of the sampler (see `dlm.sampling.recipes`), e.g. `--sampler_config.threshold=0.8`.
 An AR run without a prompt starts from the tokenizer's BOS. `--sampler=edlm` needs
-`--energy_workdir`: an AR run (EDLM-AR) or an EDLM-NCE run, with the same tokenizer.
+`--energy_workdir`: an AR run (EDLM-AR) or an EDLM-NCE run, with the same tokenizer;
+`--sampler=diffuspec` (an AR `--workdir`) needs `--drafter_workdir`, a masked diffusion run.
 `--workdir` may be a pretrained Hugging Face folder (Llama, Qwen2, LLaDA, Dream; see
 `dlm.runs.pretrained`); `--chat` puts the prompt in its chat template; `--model_parallel=N`
 splits the params over N devices per tensor-parallel group.
@@ -43,6 +44,9 @@ _JUDGE = flags.DEFINE_string("judge_workdir", None,
 _ENERGY = flags.DEFINE_string("energy_workdir", None,
                               "The energy of --sampler=edlm: an AR run (EDLM-AR) or an "
                               "EDLM-NCE run (configs/edlm.py), same tokenizer as --workdir.")
+_DRAFTER = flags.DEFINE_string("drafter_workdir", None,
+                               "The masked diffusion run drafting for the AR --workdir "
+                               "(--sampler=diffuspec), same tokenizer.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the samples (JSON lines).")
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Checkpoint to load (default: latest).")
@@ -61,7 +65,8 @@ def main(parsed):
         length=_LENGTH.value, steps=_STEPS.value, prompt=_PROMPT.value, seed=_SEED.value,
         batch_size=_BATCH_SIZE.value, judge_workdir=_JUDGE.value, overrides=overrides,
         checkpoint_step=_CHECKPOINT_STEP.value, use_ema=_USE_EMA.value,
-        energy_workdir=_ENERGY.value, chat=run_flags.CHAT.value,
+        energy_workdir=_ENERGY.value, drafter_workdir=_DRAFTER.value,
+        chat=run_flags.CHAT.value,
         model_parallel=run_flags.MODEL_PARALLEL.value)
     if distributed.is_main_process():
         print(json.dumps(summary))

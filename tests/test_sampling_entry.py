@@ -1,6 +1,7 @@
 """experiments/sample.py on tiny saved runs: the JSON lines, the summary and the errors."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -91,6 +92,28 @@ def test_clear_errors(runs, tmp_path):
     with pytest.raises(ValueError, match="has no option 'treshold'"):
         runs_lib.sample_to_file(runs["mdlm"], "fast_dllm", out, num_samples=1,
                               overrides={"treshold": 0.5})
+
+
+def test_a_drafter_run_drafts_for_an_ar_run(runs, tmp_path):
+    out = str(tmp_path / "spec.jsonl")
+    options = dict(num_samples=2, length=12, prompt="abc", batch_size=2)
+    spec = runs_lib.sample_to_file(runs["ar"], "diffuspec", out, drafter_workdir=runs["mdlm"],
+                                   overrides={"temperature": 0.0, "draft_len": 3}, **options)
+    greedy = runs_lib.sample_to_file(runs["ar"], "ar", str(tmp_path / "ar.jsonl"),
+                                     overrides={"temperature": 0.0}, **options)
+    texts = [[json.loads(line)["text"] for line in pathlib.Path(path).read_text().splitlines()]
+             for path in (out, tmp_path / "ar.jsonl")]
+    assert texts[0] == texts[1] and spec["num_samples"] == greedy["num_samples"] == 2
+    with pytest.raises(ValueError, match="needs --drafter_workdir"):
+        runs_lib.sample_to_file(runs["ar"], "diffuspec", out, **options)
+    with pytest.raises(ValueError, match="--drafter_workdir is only for diffuspec, ar_guided"):
+        runs_lib.sample_to_file(runs["ar"], "ar", out, drafter_workdir=runs["mdlm"], **options)
+    with pytest.raises(ValueError, match="is not a masked diffusion run"):
+        runs_lib.sample_to_file(runs["ar"], "diffuspec", out, drafter_workdir=runs["ar"],
+                                **options)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        runs_lib.sample_to_file(runs["ar_other_tokenizer"], "diffuspec", out,
+                                drafter_workdir=runs["mdlm"], **options)
 
 
 def test_sampler_config_flags():

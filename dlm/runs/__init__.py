@@ -3,7 +3,7 @@ and drawing scored samples. The command line, the notebooks and the benchmarks u
 
 from dlm.runs.answering import answer_run, evaluate_task
 from dlm.runs.drawing import make_sampler, print_samples, sample, sample_to_file
-from dlm.runs.loading import Run, load_run, load_weights, with_energy
+from dlm.runs.loading import Run, load_run, load_weights, with_drafter, with_energy
 from dlm.runs.workdir import (
     CONFIG_FILE,
     ROUNDS_DIR,
@@ -31,5 +31,6 @@ __all__ = [
     "sample",
     "sample_to_file",
     "save_run_files",
+    "with_drafter",
     "with_energy",
 ]

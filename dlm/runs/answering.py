@@ -15,7 +15,13 @@ from dlm.data import builders, pipeline, tasks
 from dlm.evaluation import answers
 from dlm.parallel import distributed
 from dlm.runs import loading
-from dlm.runs.drawing import check_compatible, check_length, make_sampler, write_json_lines
+from dlm.runs.drawing import (
+    check_compatible,
+    check_length,
+    make_sampler,
+    with_companions,
+    write_json_lines,
+)
 from dlm.runs.workdir import RunFiles, read_run
 
 
@@ -112,15 +118,19 @@ def evaluate_task(workdir: str, sampler_name: str, out: str | None = None, *,
                   max_new_tokens: int | None = None, steps: int | None = None,
                   overrides: dict | None = None, seed: int = 0,
                   checkpoint_step: int | None = None, use_ema: bool | None = None,
-                  chat: bool = False, model_parallel: int = 1) -> dict:
+                  chat: bool = False, model_parallel: int = 1,
+                  drafter_workdir: str | None = None) -> dict:
     """The command line as a function: answers the run's `split`, writes one JSON line per
-    example to `out` (if given) and returns the summary (with the task and split)."""
+    example to `out` (if given) and returns the summary (with the task and split).
+    `drafter_workdir`: the masked diffusion run drafting for an AR run (DiffuSpec)."""
     sampler = make_sampler(sampler_name, steps, overrides)  # checks needing no weights first
     files = read_run(workdir)
-    check_compatible(sampler, files)
+    drafter = read_run(drafter_workdir) if drafter_workdir else None
+    check_compatible(sampler, files, drafter=drafter)
     verifier = make_verifier(files, task)
     examples = task_examples(files, split, num_examples, verifier)
-    run = loading.load_run(files, checkpoint_step, use_ema, model_parallel=model_parallel)
+    run = with_companions(loading.load_run(files, checkpoint_step, use_ema,
+                                           model_parallel=model_parallel), None, drafter)
     rows, summary = answer_run(run, sampler, verifier, examples, batch_size=batch_size,
                                length=length, max_new_tokens=max_new_tokens, seed=seed,
                                chat=chat)

@@ -22,8 +22,10 @@ from dlm.runs import loading
 from dlm.runs.workdir import RunFiles, read_run
 
 # The network kind of a denoiser corrected by an energy run (`--energy_workdir`): the
-# EnergyDenoiser's, named once in dlm.sampling.networks.
+# EnergyDenoiser's, named once in dlm.sampling.networks; of an AR run with a masked
+# diffusion run drafting for it (`--drafter_workdir`): the DraftedCausalLM's.
 _WITH_ENERGY = sampling.EnergyDenoiser.kind
+_WITH_DRAFTER = sampling.DraftedCausalLM.kind
 
 
 def make_sampler(name: str, steps: int | None = None, overrides: dict | None = None):
@@ -38,22 +40,27 @@ def make_sampler(name: str, steps: int | None = None, overrides: dict | None = N
 
 
 def check_compatible(sampler, run: RunFiles, judge: RunFiles | None = None,
-                     energy: RunFiles | None = None) -> None:
+                     energy: RunFiles | None = None, drafter: RunFiles | None = None) -> None:
     """Raises ValueError when the sampler does not fit the run's network (with the energy of
-    `energy`, an AR or EDLM-NCE run, when given), or the judge is not a causal model with the
-    same tokenizer. Reads no weights."""
-    wants_energy = sampler.rule.network_kind == _WITH_ENERGY
-    if wants_energy and energy is None:
-        raise ValueError(f"sampler {sampler.name!r} needs --energy_workdir")
-    if energy is not None and not wants_energy:
-        raise ValueError("--energy_workdir is only for "
-                         f"{', '.join(sampling.samplers_for(_WITH_ENERGY))}")
+    `energy`, an AR or EDLM-NCE run, or the masked diffusion `drafter`, when given), or the
+    judge is not a causal model with the same tokenizer. Reads no weights."""
+    for companion, kind, flag in ((energy, _WITH_ENERGY, "--energy_workdir"),
+                                  (drafter, _WITH_DRAFTER, "--drafter_workdir")):
+        wanted = sampler.rule.network_kind == kind
+        if wanted and companion is None:
+            raise ValueError(f"sampler {sampler.name!r} needs {flag}")
+        if companion is not None and not wanted:
+            raise ValueError(f"{flag} is only for {', '.join(sampling.samplers_for(kind))}")
     if run.network_kind == "energy":
         raise ValueError(f"{run.workdir} is an EDLM energy run, not a sampler: pass it as "
                          "--energy_workdir with --sampler=edlm and --workdir=<its MDLM run>")
     kind = run.network_kind
     if energy is not None and kind == "denoiser":
         kind = _WITH_ENERGY
+    if drafter is not None and kind == "causal":
+        if drafter.network_kind != "denoiser":
+            raise ValueError(f"the drafter {drafter.workdir} is not a masked diffusion run")
+        kind = _WITH_DRAFTER
     sampling.check_network(sampler, kind, f"run ({run.workdir})")
     if judge is not None:
         _check_judge(run, judge)
@@ -165,23 +172,21 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
                    seed: int = 0, batch_size: int = 16, judge_workdir: str | None = None,
                    overrides: dict | None = None, checkpoint_step: int | None = None,
                    use_ema: bool | None = None, energy_workdir: str | None = None,
-                   chat: bool = False, model_parallel: int = 1) -> dict:
+                   drafter_workdir: str | None = None, chat: bool = False,
+                   model_parallel: int = 1) -> dict:
     """The command line as a function: writes `out` (JSON lines), returns the summary."""
     # Every check that needs no weights comes before loading them.
     sampler = make_sampler(sampler_name, steps, overrides)
-    wants_energy = sampler.rule.network_kind == _WITH_ENERGY
-    if wants_energy and not energy_workdir:
-        raise ValueError(f"sampler {sampler_name!r} needs --energy_workdir")
     files = read_run(workdir)
     judge_files = read_run(judge_workdir) if judge_workdir else None
     energy_files = read_run(energy_workdir) if energy_workdir else None
-    check_compatible(sampler, files, judge_files, energy_files)
+    drafter_files = read_run(drafter_workdir) if drafter_workdir else None
+    check_compatible(sampler, files, judge_files, energy_files, drafter_files)
     length = length or int(files.config.data.seq_len)
     prompt_tokens(files, sampler, prompt, length, chat=chat)
     check_length(files, length)
     run = loading.load_run(files, checkpoint_step, use_ema, model_parallel=model_parallel)
-    if energy_files is not None:
-        run = loading.with_energy(run, loading.load_run(energy_files))
+    run = with_companions(run, energy_files, drafter_files)
     judge = loading.load_run(judge_files) if judge_files else None
     records, summary = sample(run, sampler, num_samples=num_samples, length=length,
                               prompt=prompt, seed=seed, batch_size=batch_size, judge=judge,
@@ -189,6 +194,17 @@ def sample_to_file(workdir: str, sampler_name: str, out: str, *, num_samples: in
     if distributed.is_main_process():  # every process drew the same samples
         write_json_lines(out, records)
     return summary
+
+
+def with_companions(run: loading.Run, energy: RunFiles | None,
+                    drafter: RunFiles | None) -> loading.Run:
+    """`run` with the energy run (EDLM) or the drafter run (DiffuSpec, AR-guided) loaded
+    into its network, when given."""
+    if energy is not None:
+        run = loading.with_energy(run, loading.load_run(energy))
+    if drafter is not None:
+        run = loading.with_drafter(run, loading.load_run(drafter))
+    return run
 
 
 def write_json_lines(out, records) -> None:

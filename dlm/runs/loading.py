@@ -130,6 +130,23 @@ def with_energy(run: Run, energy_run: Run) -> Run:
         params={"denoiser": run.params, "energy": energy_run.params})
 
 
+def with_drafter(run: Run, drafter_run: Run) -> Run:
+    """`run` (an AR run, the target) with the masked diffusion network of `drafter_run`
+    drafting for it (DiffuSpec, AR-guided unmasking): its network is a DraftedCausalLM and
+    its params {"drafter", "target"}. Raises ValueError for any other pair or tokenizer."""
+    if run.network_kind != "causal":
+        raise ValueError(f"{run.workdir} is not an autoregressive run: a drafter drafts for "
+                         "an AR target")
+    if drafter_run.network_kind != "denoiser":
+        raise ValueError(f"the drafter {drafter_run.workdir} is not a masked diffusion run")
+    if drafter_run.tokenizer_state() != run.tokenizer_state():
+        raise ValueError(f"the drafter {drafter_run.workdir} uses another tokenizer than "
+                         f"{run.workdir}")
+    return dataclasses.replace(
+        run, network=sampling.DraftedCausalLM(drafter_run.network, run.network),
+        params={"drafter": drafter_run.params, "target": run.params})
+
+
 def batch_sharding(run: Run, batch_size: int):
     """Rows split over the run's `data` axis when it divides the batch, else replicated."""
     spec = P(DATA_AXIS) if batch_size % run.mesh.shape[DATA_AXIS] == 0 else P()

@@ -18,13 +18,14 @@ import jax
 
 from dlm.diffusion import schedules
 
-# What a sampler may need: a masked denoiser, a block diffusion denoiser, a causal LM, or a
-# masked denoiser corrected by an energy.
-NETWORK_KINDS = ("denoiser", "block", "causal", "denoiser+energy")
+# What a sampler may need: a masked denoiser, a block diffusion denoiser, a causal LM, a
+# masked denoiser corrected by an energy, or a causal LM with a masked denoiser drafting for it.
+NETWORK_KINDS = ("denoiser", "block", "causal", "denoiser+energy", "denoiser+causal")
 # What each kind is called in messages (a run's or a network's).
 KIND_NAMES = {"denoiser": "masked diffusion", "block": "block diffusion",
               "causal": "autoregressive", "denoiser+energy": "masked diffusion + energy",
-              "energy": "EDLM energy"}
+              "energy": "EDLM energy",
+              "denoiser+causal": "autoregressive + diffusion drafter"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,36 @@ class EnergyDenoiser:
     @property
     def schedule(self) -> schedules.Schedule:
         return self.denoiser.schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftedCausalLM:
+    """A causal LM (the target, whose law the samples follow) with a masked denoiser that
+    drafts its next tokens (DiffuSpec, `speculative`): params are {"drafter": ...,
+    "target": ...}.
+
+    Both read one tokenizer: their `Vocab`s (mask, EOS and pad ids) must be equal, and the
+    sampler checks when tracing that their logits cover one vocabulary size.
+
+    Attributes:
+      drafter: the masked-diffusion network (bidirectional, one forward per draft).
+      target: the causal LM that verifies the drafts through its KV cache.
+    """
+
+    drafter: Denoiser
+    target: CausalLM
+
+    kind: ClassVar[str] = "denoiser+causal"
+
+    def __post_init__(self):
+        if self.drafter.vocab != self.target.vocab:
+            raise ValueError(f"the drafter and the target must share one vocabulary (the same "
+                             f"tokenizer): drafter {self.drafter.vocab}, target "
+                             f"{self.target.vocab}")
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.target.vocab
 
 
 def _unpadded(tokens, pad_id: int | None, key: str) -> dict:

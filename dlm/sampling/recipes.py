@@ -25,6 +25,7 @@ from dlm.sampling.freedave import FreeDave
 from dlm.sampling.importance import ImportanceUnmask
 from dlm.sampling.jacobi import Jacobi
 from dlm.sampling.next_token import NextToken
+from dlm.sampling.speculative import AdaptiveDraftLength, CausalPathSearch, DiffuSpec
 from dlm.sampling.stop import Stop
 from dlm.sampling.unmask import Unmask
 
@@ -262,6 +263,87 @@ def jacobi(decoding: Decoding, window: int = 8, blocks: int = 1, pool: int = 0) 
         raise ValueError(f"jacobi decodes greedily (its fixed point is greedy decoding); "
                          f"temperature={decoding.temperature} must be 0")
     return Jacobi(window=window, transforms=decoding.chain, blocks=blocks, pool=pool)
+
+
+DIFFUSPEC_ACCEPTANCE = ("auto", "greedy", "speculative")
+
+
+@recipe("diffuspec")
+def diffuspec(decoding: Decoding, draft_len: int = 8, min_draft_len: int = 2,
+              adaptive: bool = True, adl_margin: int = 2, adl_decay: float = 0.5,
+              cps_width: int = 8, cps_mass: float = 0.8, cps_beams: int = 3,
+              cps_weight: float = 0.5, cps_proxy: str = "context", cps_order: int = 2,
+              acceptance: str = "auto") -> DiffuSpec:
+    """DiffuSpec (Li et al., 2025): speculative decoding of an AR target with a masked
+    diffusion drafter, for a `DraftedCausalLM` (see `speculative`). Each step the drafter
+    drafts `draft_len` (K) positions in one forward, the causal-consistency path search
+    (CPS) picks a left-to-right path through its candidates and the target verifies it in
+    one call through its KV cache. The output is `ar`'s: greedy's token for token at
+    temperature 0, and exactly the AR model's law otherwise (speculative sampling).
+
+    Options:
+      draft_len: K, the static draft window (the most drafts per step).
+      min_draft_len: the shortest draft ADL offers.
+      adaptive: the adaptive draft length (ADL): each row offers its first
+        clip(floor(EMA of accepted lengths) + adl_margin, min_draft_len, draft_len) drafts;
+        off, all K. Shapes are static, so ADL saves no computation here (module docstring).
+      adl_margin: the tokens offered beyond the average acceptance (delta).
+      adl_decay: the EMA's weight of the latest step, in (0, 1] (rho).
+      cps_width: the most candidates a position keeps (M_max).
+      cps_mass: a position keeps its top candidates until their probability reaches it
+        (tau); EOS is always kept.
+      cps_beams: the beam width of the path search.
+      cps_weight: the drafter's share lambda of the path score, the causal proxy's 1 - lambda.
+      cps_proxy: the causal proxy: 'context' (an n-gram counted on the row's committed
+        tokens, standing in for the paper's corpus 3-gram) or 'none' (the drafter alone:
+        the per-position argmax).
+      cps_order: the n of the n-gram proxy.
+      acceptance: 'greedy' (the target's argmax; temperature 0), 'speculative' (speculative
+        sampling; temperature > 0), or 'auto': greedy at temperature 0, else speculative.
+    """
+    if acceptance not in DIFFUSPEC_ACCEPTANCE:
+        raise ValueError(f"acceptance={acceptance!r}; allowed: {', '.join(DIFFUSPEC_ACCEPTANCE)}")
+    if acceptance == "greedy" and decoding.temperature != 0:
+        raise ValueError(f"acceptance='greedy' verifies the target's argmax: temperature="
+                         f"{decoding.temperature} must be 0 (or use 'speculative')")
+    if acceptance == "speculative" and decoding.temperature == 0:
+        raise ValueError("acceptance='speculative' samples: temperature=0 must be > 0 (or use "
+                         "'greedy')")
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"adaptive={adaptive!r} must be True or False")
+    _check_positive("draft_len", draft_len, allow_none=False)
+    search = CausalPathSearch(width=cps_width, mass=cps_mass, beams=cps_beams,
+                              weight=cps_weight, proxy=cps_proxy, order=cps_order)
+    adl = AdaptiveDraftLength(min_len=min_draft_len, max_len=draft_len, margin=adl_margin,
+                              decay=adl_decay) if adaptive else None
+    return DiffuSpec(draft_len=draft_len, search=search, adl=adl,
+                     greedy=decoding.temperature == 0, transforms=decoding.chain,
+                     draft_transforms=tuple(t for t in decoding.chain
+                                            if isinstance(t, transforms.SuppressEos)),
+                     gumbel_dtype=decoding.gumbel_dtype)
+
+
+@recipe("ar_guided", temperature=0.0)
+def ar_guided(decoding: Decoding, threshold: float = 0.1, draft_len: int = 8) -> DiffuSpec:
+    """AR-guided unmasking (FreeCache's guided diffusion, Hu et al., 2025), for a
+    `DraftedCausalLM` whose causal LM is a small judge of the masked diffusion model's
+    tokens: each step the diffusion model proposes its argmax for the next `draft_len`
+    positions in one forward, and the judge, in one call through its KV cache, keeps them
+    left to right while it gives each probability >= `threshold` (or ranks it first); its
+    own argmax replaces the first it rejects. Fewer diffusion steps than one token per
+    call; threshold 1 gives the judge's greedy output exactly (DiffuSpec's greedy
+    verification). Greedy: temperature must be 0."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must lie in (0, 1]")
+    if decoding.temperature != 0:
+        raise ValueError(f"ar_guided decodes greedily; temperature={decoding.temperature} "
+                         "must be 0")
+    _check_positive("draft_len", draft_len, allow_none=False)
+    return DiffuSpec(draft_len=draft_len, search=CausalPathSearch(proxy="none", beams=1),
+                     adl=None, greedy=True, transforms=decoding.chain,
+                     draft_transforms=tuple(t for t in decoding.chain
+                                            if isinstance(t, transforms.SuppressEos)),
+                     gumbel_dtype=decoding.gumbel_dtype, judge=threshold)
 
 
 BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")
