@@ -6,6 +6,8 @@ them unless `--speculative_runs` names them), at each `--speculative_batch_sizes
 
 - FreeDave (`freedave`, K drafts per call) against its static decode, `llada` one token
   per call, on the MDLM run;
+- AR-guided unmasking (`ar_guided`, the AR run judging the MDLM run's proposals) against
+  the same static decode (not lossless: its answers are the pair's);
 - Jacobi decoding (`jacobi`: windows, blocks in flight, rejection recycling) and DiffuSpec
   (`diffuspec`, the MDLM run drafting) against AR greedy decoding with the KV cache, on the
   AR run.
@@ -40,7 +42,11 @@ _POOL = flags.DEFINE_integer("speculative_pool", 4, "Jacobi rejection-recycling 
 _DRAFT_LENS = flags.DEFINE_list("speculative_draft_lens", ["4", "8"],
                                 "DiffuSpec draft lengths (k_max).")
 
+_JUDGE = flags.DEFINE_list("speculative_judge_thresholds", ["0.3", "0.1"],
+                           "`ar_guided` thresholds (the AR run judging the MDLM run).")
+
 STOP = {"stop_at_eos": True}
+PAIRED = ("diffuspec", "ar_guided")  # samplers of the AR run with the MDLM run drafting
 
 
 def settings(method: str) -> list[tuple[str, str, dict]]:
@@ -48,7 +54,9 @@ def settings(method: str) -> list[tuple[str, str, dict]]:
     if method == "mdlm":
         return [("llada (1 token/call)", "llada", dict(STOP)),
                 *[(f"freedave K={k}", "freedave", {**STOP, "drafts": int(k)})
-                  for k in _DRAFTS.value]]
+                  for k in _DRAFTS.value],
+                *[(f"ar_guided threshold {t}", "ar_guided", {**STOP, "threshold": float(t)})
+                  for t in _JUDGE.value]]
     rows = [("ar greedy", "ar", {**STOP, "temperature": 0.0})]
     rows += [(f"jacobi window {w}", "jacobi", {**STOP, "window": int(w)})
              for w in _WINDOWS.value]
@@ -60,6 +68,9 @@ def settings(method: str) -> list[tuple[str, str, dict]]:
     rows += [(f"diffuspec k={k}", "diffuspec", {**STOP, "temperature": 0.0,
                                                 "draft_len": int(k)})
              for k in _DRAFT_LENS.value]
+    k = int(_DRAFT_LENS.value[-1])
+    rows.append((f"diffuspec k={k}, dual drafter cache", "diffuspec",
+                 {**STOP, "temperature": 0.0, "draft_len": k, "cache": "dual"}))
     return rows
 
 
@@ -95,7 +106,7 @@ def measure(root: pathlib.Path) -> tuple[list[dict], dict[str, str]]:
             for batch in (int(b) for b in _BATCH_SIZES.value):
                 reference = None
                 for label, name, options in settings(method):
-                    run = with_drafter if name == "diffuspec" else loaded[method]
+                    run = with_drafter if name in PAIRED else loaded[method]
                     sampler = runs.make_sampler(name, overrides=dict(options))
                     answered, summary = answering.answer_run(run, sampler, verifier, examples,
                                                              batch_size=batch)

@@ -113,6 +113,25 @@ def test_greedy_ending_at_eos_equals_ar(random_pair):
                                   draw("ar", network.target, params["target"]))
 
 
+@pytest.mark.parametrize("cache", ["dual", "prefix", "freecache"])
+def test_a_cached_drafter_changes_the_drafts_not_the_output(random_pair, cache):
+    network, params, _ = random_pair  # the DiT drafter, which has a partial forward
+    prompt = np.array([[2, 3, 4, 5], [6, 7, 8, 9]], np.int32)
+
+    def draw(name, net, p, **options):
+        return sampling.draw(sampling.get_sampler(name, temperature=0.0, **options), net, p,
+                             jax.random.PRNGKey(0), batch_size=2, length=L,
+                             prompt=prompt).output
+
+    greedy = draw("ar", network.target, params["target"])
+    plain = draw("diffuspec", network, params, draft_len=4, adaptive=False)
+    cached = draw("diffuspec", network, params, draft_len=4, adaptive=False, cache=cache)
+    np.testing.assert_array_equal(cached.tokens_BL, greedy.tokens_BL)
+    np.testing.assert_array_equal(plain.tokens_BL, greedy.tokens_BL)
+    # The drafter runs its window of 4 between refreshes, not all L positions.
+    assert np.all(cached.token_forwards_B < plain.token_forwards_B)
+
+
 # A toy pair whose drafts are right: the target counts up (next = fed + 1 mod 16) and the
 # drafter continues the count from the last unmasked token, wrong (one too high) wherever
 # the count is a multiple of `wrong_every`: rows starting elsewhere accept different runs.

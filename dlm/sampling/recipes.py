@@ -273,7 +273,8 @@ def diffuspec(decoding: Decoding, draft_len: int = 8, min_draft_len: int = 2,
               adaptive: bool = True, adl_margin: int = 2, adl_decay: float = 0.5,
               cps_width: int = 8, cps_mass: float = 0.8, cps_beams: int = 3,
               cps_weight: float = 0.5, cps_proxy: str = "context", cps_order: int = 2,
-              acceptance: str = "auto") -> DiffuSpec:
+              acceptance: str = "auto", cache: str = "none",
+              cache_every: int | None = None) -> DiffuSpec:
     """DiffuSpec (Li et al., 2025): speculative decoding of an AR target with a masked
     diffusion drafter, for a `DraftedCausalLM` (see `speculative`). Each step the drafter
     drafts `draft_len` (K) positions in one forward, the causal-consistency path search
@@ -300,6 +301,9 @@ def diffuspec(decoding: Decoding, draft_len: int = 8, min_draft_len: int = 2,
       cps_order: the n of the n-gram proxy.
       acceptance: 'greedy' (the target's argmax; temperature 0), 'speculative' (speculative
         sampling; temperature > 0), or 'auto': greedy at temperature 0, else speculative.
+      cache, cache_every: an approximate KV cache for the drafter (`llada`'s `cache`
+        options; its window is the draft window, in blocks of K): the drafts change, the
+        output does not.
     """
     if acceptance not in DIFFUSPEC_ACCEPTANCE:
         raise ValueError(f"acceptance={acceptance!r}; allowed: {', '.join(DIFFUSPEC_ACCEPTANCE)}")
@@ -320,11 +324,13 @@ def diffuspec(decoding: Decoding, draft_len: int = 8, min_draft_len: int = 2,
                      greedy=decoding.temperature == 0, transforms=decoding.chain,
                      draft_transforms=tuple(t for t in decoding.chain
                                             if isinstance(t, transforms.SuppressEos)),
-                     gumbel_dtype=decoding.gumbel_dtype)
+                     gumbel_dtype=decoding.gumbel_dtype,
+                     drafter_kv=kv_reuse.by_name(cache, cache_every))
 
 
 @recipe("ar_guided", temperature=0.0)
-def ar_guided(decoding: Decoding, threshold: float = 0.1, draft_len: int = 8) -> DiffuSpec:
+def ar_guided(decoding: Decoding, threshold: float = 0.1, draft_len: int = 8,
+              cache: str = "none", cache_every: int | None = None) -> DiffuSpec:
     """AR-guided unmasking (FreeCache's guided diffusion, Hu et al., 2025), for a
     `DraftedCausalLM` whose causal LM is a small judge of the masked diffusion model's
     tokens: each step the diffusion model proposes its argmax for the next `draft_len`
@@ -332,7 +338,8 @@ def ar_guided(decoding: Decoding, threshold: float = 0.1, draft_len: int = 8) ->
     left to right while it gives each probability >= `threshold` (or ranks it first); its
     own argmax replaces the first it rejects. Fewer diffusion steps than one token per
     call; threshold 1 gives the judge's greedy output exactly (DiffuSpec's greedy
-    verification). Greedy: temperature must be 0."""
+    verification). Greedy: temperature must be 0. `cache`, `cache_every`: the diffusion
+    model's approximate KV cache (as `diffuspec`'s)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold={threshold} must lie in (0, 1]")
     if decoding.temperature != 0:
@@ -343,7 +350,8 @@ def ar_guided(decoding: Decoding, threshold: float = 0.1, draft_len: int = 8) ->
                      adl=None, greedy=True, transforms=decoding.chain,
                      draft_transforms=tuple(t for t in decoding.chain
                                             if isinstance(t, transforms.SuppressEos)),
-                     gumbel_dtype=decoding.gumbel_dtype, judge=threshold)
+                     gumbel_dtype=decoding.gumbel_dtype, judge=threshold,
+                     drafter_kv=kv_reuse.by_name(cache, cache_every))
 
 
 BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")

@@ -71,7 +71,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from dlm.sampling import categorical, scores, transforms
+from dlm.sampling import categorical, kv_reuse, scores, transforms, unmask
 from dlm.sampling.state import SamplerState
 
 PROXIES = ("context", "none")
@@ -289,6 +289,7 @@ class AdaptiveDraftLength:
 class DiffuSpecCarry:
     kv: Any  # the target's cache: the positions before the last committed token
     average_B: jax.Array  # float32 [B]: ADL's moving average of accepted draft lengths
+    drafter: Any = None  # the drafter's approximate KV cache (`kv_reuse.ReuseCarry`), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +310,10 @@ class DiffuSpec:
         probability >= judge (or ranks it first); the judge's argmax replaces the first one
         it rejects. None: DiffuSpec's verification (the output is the target's); 1.0: the
         same tokens as greedy DiffuSpec.
+      drafter_kv: an approximate KV cache policy for the drafter (`kv_reuse`; None: a full
+        forward each step): the draft window is its update window, in virtual blocks of K
+        positions (a refresh when the window enters a new one, and on the policy's
+        `every`). The drafts change, the verification does not: the output is the same.
     """
 
     draft_len: int = 8
@@ -319,6 +324,7 @@ class DiffuSpec:
     draft_transforms: tuple = ()
     gumbel_dtype: str | None = None
     judge: float | None = None
+    drafter_kv: Any = None
 
     network_kind: ClassVar[str] = "denoiser+causal"
     uses_prefix: ClassVar[bool] = True
@@ -345,7 +351,9 @@ class DiffuSpec:
             state = state.called(prefix_len - 1)
         average_B = (self.adl.init(batch) if self.adl is not None
                      else jnp.full((batch,), self.draft_len, jnp.float32))
-        return state.replace(cache=DiffuSpecCarry(kv=kv, average_B=average_B))
+        drafter = (None if self.drafter_kv is None
+                   else kv_reuse.init(network.drafter, batch, length))
+        return state.replace(cache=DiffuSpecCarry(kv=kv, average_B=average_B, drafter=drafter))
 
     def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
         k = self.draft_len
@@ -362,10 +370,9 @@ class DiffuSpec:
         fixed_BK = known_BK | ~inside_BK  # never drafted: known, or past the end
 
         # 1-2. One drafter forward on the sequence as it stands, then CPS on its window.
-        draft_logits_BLV = network.drafter.apply_fn(params["drafter"], state.tokens_BL,
-                                                    state.t_B)
-        log_q_BKV = transforms.log_probs(draft_logits_BLV[rows_B1, clipped_BK],
-                                         self.draft_transforms, vocab)
+        draft_logits_BKV, drafter, state = self._draft_logits(network, params, state,
+                                                              clipped_BK)
+        log_q_BKV = transforms.log_probs(draft_logits_BKV, self.draft_transforms, vocab)
         path_BK, drafted_BK = self.search(log_q_BKV, fixed_BK, fixed_tokens_BK,
                                           state.tokens_BL, fed_at + 1, vocab.eos_id)
         draft_len_B = (self.adl.draft_len(carry.average_B) if self.adl is not None
@@ -375,8 +382,8 @@ class DiffuSpec:
         # 3. One target call on the last committed token and the K drafts.
         fed_BK1 = jnp.concatenate([state.tokens_BL[:, fed_at][:, None], path_BK], axis=1)
         logits_BK1V, kv = network.target.decode_fn(params["target"], fed_BK1, carry.kv)
-        if logits_BK1V.shape[-1] != draft_logits_BLV.shape[-1]:
-            raise ValueError(f"the drafter's logits cover {draft_logits_BLV.shape[-1]} tokens, "
+        if logits_BK1V.shape[-1] != draft_logits_BKV.shape[-1]:
+            raise ValueError(f"the drafter's logits cover {draft_logits_BKV.shape[-1]} tokens, "
                              f"the target's {logits_BK1V.shape[-1]}: they must share one "
                              "vocabulary")
         log_p_BK1V = transforms.log_probs(logits_BK1V, self.transforms, vocab)
@@ -404,9 +411,36 @@ class DiffuSpec:
         if self.adl is not None:
             average_B = jnp.where(state.done_B, average_B,
                                   self.adl.update(average_B, accepted_B))
-        carry = DiffuSpecCarry(kv=kv.replace(length=fed_at + produced), average_B=average_B)
-        state = state.called(length).called(k + 1)  # the drafter's L, the target's K + 1
+        carry = DiffuSpecCarry(kv=kv.replace(length=fed_at + produced), average_B=average_B,
+                               drafter=drafter)
+        state = state.called(k + 1)  # the target's K + 1 (the drafter's: `_draft_logits`)
         return state.replace(cache=carry, t_B=(open_B / generable_B).astype(jnp.float32))
+
+    def _draft_logits(self, network, params, state: SamplerState, clipped_BK: jax.Array
+                      ) -> tuple[jax.Array, Any, SamplerState]:
+        """(the drafter's logits at the draft positions clipped_BK [B, K, V], its cache
+        carry, the state with the call counted): a full forward, or a partial call through
+        the drafter's approximate KV cache on the window of K positions after the last
+        committed one (the last K of the sequence near its end)."""
+        carry: DiffuSpecCarry = state.cache
+        batch, length = state.tokens_BL.shape
+        drafter = network.drafter
+        if self.drafter_kv is None:
+            logits_BLV = drafter.apply_fn(params["drafter"], state.tokens_BL, state.t_B)
+            logits_BKV = jnp.take_along_axis(logits_BLV, clipped_BK[..., None], axis=1)
+            return logits_BKV, None, state.called(length)
+        window = min(self.draft_len, length)
+        first = carry.kv.length + 1  # the first draft position
+        start_B = jnp.full((batch,), jnp.minimum(first, length - window), jnp.int32)
+        block_B = jnp.full((batch,), first // window, jnp.int32)
+        blocks = unmask.Blocks(block_BL=jnp.zeros_like(state.tokens_BL), active_B=block_B,
+                               active_start_B=block_B * window, window_start_B=start_B)
+        logits_BWV, sub = kv_reuse.cached_logits(
+            self.drafter_kv, drafter, params["drafter"], state.replace(cache=carry.drafter),
+            blocks, window, network.vocab.mask_id)
+        at_BK = jnp.clip(clipped_BK - start_B[:, None], 0, window - 1)
+        logits_BKV = jnp.take_along_axis(logits_BWV, at_BK[..., None], axis=1)
+        return logits_BKV, sub.cache, sub.replace(cache=carry)
 
     def _verify(self, log_p_BK1V, draft_BK, offered_BK, known_BK, key
                 ) -> tuple[jax.Array, jax.Array]:
