@@ -49,29 +49,35 @@ STOP = {"stop_at_eos": True}
 PAIRED = ("diffuspec", "ar_guided")  # samplers of the AR run with the MDLM run drafting
 
 
-def settings(method: str) -> list[tuple[str, str, dict]]:
-    """(label, sampler, options) of a run of `method`, its reference first."""
+def settings(method: str, drafts=(2, 4, 8), windows=(4, 8, 16), pool: int = 4,
+             draft_lens=(4, 8), judges=(0.3, 0.1)) -> list[tuple[str, str, dict]]:
+    """(label, sampler, options) of a run of `method` (the suite passes its flags' values),
+    its reference first."""
     if method == "mdlm":
         return [("llada (1 token/call)", "llada", dict(STOP)),
                 *[(f"freedave K={k}", "freedave", {**STOP, "drafts": int(k)})
-                  for k in _DRAFTS.value],
-                *[(f"ar_guided threshold {t}", "ar_guided", {**STOP, "threshold": float(t)})
-                  for t in _JUDGE.value]]
+                  for k in drafts],
+                *[(f"ar_guided threshold {t:g}", "ar_guided",
+                   {**STOP, "threshold": float(t)}) for t in judges]]
     rows = [("ar greedy", "ar", {**STOP, "temperature": 0.0})]
-    rows += [(f"jacobi window {w}", "jacobi", {**STOP, "window": int(w)})
-             for w in _WINDOWS.value]
-    window = int(_WINDOWS.value[len(_WINDOWS.value) // 2])
-    rows += [(f"jacobi window {window}, pool {_POOL.value}", "jacobi",
-              {**STOP, "window": window, "pool": _POOL.value}),
-             (f"jacobi 2 blocks of {window // 2}", "jacobi",
+    rows += [(f"jacobi window {w}", "jacobi", {**STOP, "window": int(w)}) for w in windows]
+    window = int(windows[len(windows) // 2])
+    rows += [(f"jacobi window {window}, pool {pool}", "jacobi",
+              {**STOP, "window": window, "pool": pool}),
+             (f"jacobi 2 blocks of {max(window // 2, 1)}", "jacobi",
               {**STOP, "window": max(window // 2, 1), "blocks": 2})]
     rows += [(f"diffuspec k={k}", "diffuspec", {**STOP, "temperature": 0.0,
-                                                "draft_len": int(k)})
-             for k in _DRAFT_LENS.value]
-    k = int(_DRAFT_LENS.value[-1])
+                                                "draft_len": int(k)}) for k in draft_lens]
+    k = int(draft_lens[-1])
     rows.append((f"diffuspec k={k}, dual drafter cache", "diffuspec",
                  {**STOP, "temperature": 0.0, "draft_len": k, "cache": "dual"}))
     return rows
+
+
+def _settings(method: str) -> list[tuple[str, str, dict]]:
+    return settings(method, [int(k) for k in _DRAFTS.value], [int(w) for w in _WINDOWS.value],
+                    _POOL.value, [int(k) for k in _DRAFT_LENS.value],
+                    [float(t) for t in _JUDGE.value])
 
 
 def _workdir(task: str, method: str, root: pathlib.Path) -> pathlib.Path:
@@ -105,7 +111,7 @@ def measure(root: pathlib.Path) -> tuple[list[dict], dict[str, str]]:
         for method in ("mdlm", "ar"):
             for batch in (int(b) for b in _BATCH_SIZES.value):
                 reference = None
-                for label, name, options in settings(method):
+                for label, name, options in _settings(method):
                     run = with_drafter if name in PAIRED else loaded[method]
                     sampler = runs.make_sampler(name, overrides=dict(options))
                     answered, summary = answering.answer_run(run, sampler, verifier, examples,
