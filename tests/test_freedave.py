@@ -43,7 +43,7 @@ def _draw(network, params, name, prompt=(1, 2, 3, 4, 5), batch=3, length=test_kv
     {"block_length": 8, "temperature": 1.0},  # sampled: lossless under the same key
     {"block_length": None, "steps": 16, "temperature": 1.0, "remasking": "random"},
 ])
-@pytest.mark.parametrize("drafts", [2, 5])
+@pytest.mark.parametrize("drafts", [2, pytest.param(5, marks=pytest.mark.slow)])
 def test_freedave_equals_the_static_decode_on_a_dit(dit, options, drafts):
     network, params = dit
     static = _draw(network, params, "llada", **options)
@@ -106,8 +106,10 @@ def block_dit():
 
 @pytest.mark.parametrize("options", [
     {"policy": "fixed_count", "temperature": 0.0},
-    {"policy": "fixed_count", "temperature": 1.0, "steps": 2},
-    {"policy": "fixed_count", "temperature": 0.0, "kv_cache": False},
+    pytest.param({"policy": "fixed_count", "temperature": 1.0, "steps": 2},
+                 marks=pytest.mark.slow),
+    pytest.param({"policy": "fixed_count", "temperature": 0.0, "kv_cache": False},
+                 marks=pytest.mark.slow),
 ])
 def test_freedave_equals_bd3lm_on_a_block_diffusion_network(block_dit, options):
     network, params = block_dit
@@ -142,6 +144,7 @@ def test_unchanging_logits_accept_every_draft():
     assert int(ours.nfe) == 1 + -(-(length - 1 - 1) // 4)
 
 
+@pytest.mark.slow
 def test_freedave_stops_at_eos_like_the_static_decode(dit):
     network, params = dit
     options = {"stop_at_eos": True, "block_length": 8, "temperature": 1.0}

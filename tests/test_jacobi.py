@@ -60,7 +60,8 @@ def test_jacobi_equals_greedy(causal, window):
 
 
 @pytest.mark.parametrize("options", [{"window": 3, "blocks": 2}, {"window": 4, "pool": 3},
-                                     {"window": 2, "blocks": 2, "pool": 2}])
+                                     pytest.param({"window": 2, "blocks": 2, "pool": 2},
+                                                  marks=pytest.mark.slow)])
 def test_blocks_and_rejection_recycling_never_change_the_output(causal, options):
     network, params = causal
     greedy = _draw(network, params, "ar", temperature=0.0)

@@ -113,7 +113,8 @@ def test_greedy_ending_at_eos_equals_ar(random_pair):
                                   draw("ar", network.target, params["target"]))
 
 
-@pytest.mark.parametrize("cache", ["dual", "prefix", "freecache"])
+@pytest.mark.parametrize("cache", ["dual", pytest.param("prefix", marks=pytest.mark.slow),
+                                   pytest.param("freecache", marks=pytest.mark.slow)])
 def test_a_cached_drafter_changes_the_drafts_not_the_output(random_pair, cache):
     network, params, _ = random_pair  # the DiT drafter, which has a partial forward
     prompt = np.array([[2, 3, 4, 5], [6, 7, 8, 9]], np.int32)
@@ -307,7 +308,7 @@ def _sample_tv(network, params, sampler, batch):
 
 @pytest.mark.parametrize("drafter,batch,eos_id", [
     ("target", 4, None),  # good drafts, several tokens committed per call across the batch
-    ("target", 8, 0),  # drafts cut after their first EOS
+    pytest.param("target", 8, 0, marks=pytest.mark.slow),  # drafts cut after their first EOS
     ("other", N, None),  # every draw in one batch: one token per call
 ])
 def test_speculative_sampling_is_the_ar_joint(joint, drafter, batch, eos_id):
