@@ -129,6 +129,7 @@ def test_bad_requests_are_named(loaded, tmp_path):
         harness.Scorer(run, make_sampler("llada"), nll_draws=0)
 
 
+@pytest.mark.slow  # run by .ci/run after `make test` (make test-slow)
 def test_lm_eval_end_to_end_on_local_tasks(loaded, tmp_path, monkeypatch):
     from dlm.runs import lm_eval_model  # the [harness] extra, installed by `make test`
 

@@ -230,6 +230,7 @@ def test_evaluate_and_sample_on_two_processes_print_what_one_process_prints(refe
             assert outputs[2] == outputs[1]
 
 
+@pytest.mark.slow  # run by .ci/run after `make test` (make test-slow)
 def test_a_killed_process_makes_the_other_fail_quickly(reference):
     root, data_dir, _ = reference
     workdir = root / "sigkill"

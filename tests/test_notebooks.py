@@ -94,8 +94,11 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
-# The EDLM notebook trains four runs (about two minutes): in .ci/run's slow pass.
-RUN = [pytest.param(n, marks=pytest.mark.slow) if n == "edlm.ipynb" else n for n in NOTEBOOKS]
+# The EDLM notebook trains four runs (about two minutes), and the block diffusion and
+# samplers notebooks take some 40 s each: in .ci/run's slow pass (the default run keeps the
+# quickstart and pretrained notebooks).
+SLOW_NOTEBOOKS = ("edlm.ipynb", "block_diffusion.ipynb", "samplers.ipynb")
+RUN = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_NOTEBOOKS else n for n in NOTEBOOKS]
 
 
 @pytest.mark.parametrize("name", RUN)

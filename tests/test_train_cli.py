@@ -48,6 +48,7 @@ def test_sigkill_mid_run_then_resume_continues_the_same_losses(tmp_path):
     assert [resumed[s] for s in range(5, 11)] == [straight[s] for s in range(5, 11)]
 
 
+@pytest.mark.slow  # run by .ci/run after `make test` (make test-slow)
 def test_bd3lm_trains_from_the_command_line_and_refuses_a_bad_block_size(tmp_path):
     data_dir = str(tmp_path / "tfds")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
