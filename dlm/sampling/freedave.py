@@ -170,7 +170,7 @@ class FreeDave:
         # The confidence a static step commits with comes from fresh logits: the targets'.
         confidence_BL = drafts[0].confidence_BL
         for i, target in enumerate(targets):
-            new_BL = (target.commit_step_BL == s + i + 1) & (drafts[i].commit_step_BL != s + i + 1)
+            new_BL = target.commit_step_BL == s + i + 1  # drafts[i] holds steps <= s + i
             confidence_BL = jnp.where(new_BL & (i + 1 < accepted), target.confidence_BL,
                                       confidence_BL)
         chosen = state.replace(

@@ -113,12 +113,9 @@ class Jacobi:
         fed_CBK = jnp.concatenate(
             [jnp.broadcast_to(last_B[None, :, None], (len(guesses_CBK), batch, 1)),
              guesses_CBK[..., :-1]], axis=-1)
-        if self.pool:  # every candidate against the one cache, in one batched call
-            logits_CBKV, kv_C = jax.vmap(lambda fed_BK: network.decode_fn(
-                params, fed_BK, carry.kv))(fed_CBK)
-        else:
-            logits_BKV, kv = network.decode_fn(params, fed_CBK[0], carry.kv)
-            logits_CBKV, kv_C = logits_BKV[None], None
+        # Every candidate (the plain window first) against the one cache, in one call.
+        logits_CBKV, kv_C = jax.vmap(lambda fed_BK: network.decode_fn(
+            params, fed_BK, carry.kv))(fed_CBK)
         log_probs_CBKV = transforms.log_probs(logits_CBKV, self.transforms, network.vocab)
         predicted_CBK = jnp.argmax(log_probs_CBKV, axis=-1).astype(jnp.int32)
         predicted_CBK = jnp.where(known_BK, known_tokens_BK, predicted_CBK)
@@ -132,8 +129,7 @@ class Jacobi:
         log_probs_BKV = log_probs_CBKV[best_B, rows_B]
         accepted_B = jnp.minimum(accepted_CB[best_B, rows_B], length - 1 - fed_at)
         accepted = jnp.min(jnp.where(state.done_B, k, accepted_B)).astype(jnp.int32)
-        if self.pool:
-            kv = _rows_of(kv_C, best_B, batch)
+        kv = _rows_of(kv_C, best_B, batch)
         confidence_BK = scores.Probability()(log_probs_BKV, predicted_BK, None)
 
         # Positions past the end are dropped, never clamped onto the last one.
