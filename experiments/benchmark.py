@@ -22,6 +22,8 @@ Suites:
                       the uncached samplers: see `experiments.cache_benchmarks`.
   speculative         FreeDave, Jacobi decoding and DiffuSpec against the decodes whose
                       output they promise: see `experiments.speculative_benchmarks`.
+  peer                train steps, forwards and samplers against the PyTorch reference
+                      (bd3lms) at its shapes: see `experiments.peer_benchmarks`.
 
 Each suite replaces its own section of the file and leaves the others alone; every
 section records the command, the machine and the date. Figures are medians.
@@ -45,6 +47,7 @@ from experiments import (
     block_benchmarks,
     cache_benchmarks,
     edlm_benchmarks,
+    peer_benchmarks,
     pretrained_benchmarks,
     report,
     sdtt_benchmarks,
@@ -54,7 +57,7 @@ from experiments import (
 
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
                             "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost, "
-                            "edlm, sdtt, tasks, pretrained_memory, caches, speculative.")
+                            "edlm, sdtt, tasks, pretrained_memory, caches, speculative, peer.")
 _SIZES = flags.DEFINE_list("sizes", ["micro", "tiny"], "Model sizes for `throughput`.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch for `throughput`.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Sequence length for `throughput`.")
@@ -90,26 +93,10 @@ _SAMPLING_REPEATS = flags.DEFINE_integer("sampling_repeats", 5,
                                          "Timed runs per overhead measurement (median).")
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "File whose sections are rewritten.")
 # Internal: one throughput measurement in a fresh process, printed as JSON.
-_ONE = flags.DEFINE_string("one", None, "Internal: 'method:size' to measure and print.")
+_ONE = flags.DEFINE_string("one", None,
+                           "Internal: 'method:size' (or 'peer') to measure and print.")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Median float32 FLOP/s of an n x n x n matmul: this machine's practical peak."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / float(np.median(times))
 
 
 def _throughput_config(method: str, size: str):
@@ -177,7 +164,7 @@ def _run_one(method: str, size: str) -> dict:
 
 
 def throughput_section(command: str) -> str:
-    peak = matmul_peak_flops()
+    peak = report.matmul_peak_flops()
     rows = []
     for size in _SIZES.value:
         for method in ("mdlm", "ar"):
@@ -288,22 +275,6 @@ def _sampling_rows(long: bool) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def _bare_forward_loop(apply_fn, calls: int):
-    """A jitted loop of `calls` bare forward passes; each feeds its argmax to the next, so
-    none can be hoisted out of the loop."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    def loop(params, tokens_BL, t_B):
-        def body(_, tokens_BL):
-            return jnp.argmax(apply_fn(params, tokens_BL, t_B), -1).astype(tokens_BL.dtype)
-
-        return lax.fori_loop(0, calls, body, tokens_BL)
-
-    return jax.jit(loop)
-
-
 def _median_seconds(fn, *args) -> float:
     import jax
 
@@ -328,7 +299,7 @@ def _overhead(run, batch: int, length: int) -> dict:
     calls = int(np.max(drawn.output.nfe_B))
     tokens_BL = jnp.full((batch, length), run.network.vocab.mask_id, jnp.int32)
     t_B = jnp.ones((batch,), jnp.float32)
-    bare_fn = _bare_forward_loop(run.network.apply_fn, calls).lower(
+    bare_fn = peer_benchmarks.bare_forward_loop(run.network.apply_fn, calls).lower(
         run.params, tokens_BL, t_B).compile()
     jax.block_until_ready(bare_fn(run.params, tokens_BL, t_B))
     bare = _median_seconds(bare_fn, run.params, tokens_BL, t_B)
@@ -458,6 +429,9 @@ def sampling_section(command: str) -> str:
 
 def main(argv):
     del argv
+    if _ONE.value == "peer":
+        print(json.dumps(peer_benchmarks.measure_dlm(flags.FLAGS["peer_iters"].value)))
+        return
     if _ONE.value:
         method, size = _ONE.value.split(":")
         print(json.dumps(measure_one(method, size)))
@@ -471,7 +445,8 @@ def main(argv):
               "sdtt": sdtt_benchmarks.sdtt_section, "tasks": task_benchmarks.tasks_section,
               "pretrained_memory": pretrained_benchmarks.memory_section,
               "caches": cache_benchmarks.caches_section,
-              "speculative": speculative_benchmarks.speculative_section}
+              "speculative": speculative_benchmarks.speculative_section,
+              "peer": peer_benchmarks.peer_section}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:
         raise app.UsageError(f"unknown --suites {sorted(unknown)}; known: {sorted(suites)}")

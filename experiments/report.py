@@ -8,6 +8,8 @@ import os
 import pathlib
 import platform
 import re
+import statistics
+import time
 
 
 def machine() -> str:
@@ -43,3 +45,20 @@ def write_section(path: pathlib.Path, name: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else \
         text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    """Median float32 FLOP/s of an n x n x n matmul: this machine's practical peak."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)

@@ -80,27 +80,114 @@ def _attend_xla(q_BTHD, k_BSKD, v_BSKD, mask, kv_valid_BS, q_offset, q_positions
                          f"v {v_BSKD.shape}")
     if H % K:
         raise ValueError(f"{K} key/value heads must divide {H} query heads")
-    G = H // K
-    q_BTKGD = q_BTHD.reshape(B, T, K, G, D)
-    logits_BKGTS = jnp.einsum(
-        "btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32
-    ).astype(jnp.float32) / math.sqrt(D)
-
-    if q_positions_BT is None:
-        allowed_BTS = mask_array(mask, T, S, q_offset)[None]
-    else:
+    # The scale goes on q ([B, T, H, D]), not on the [B, H, T, S] logits.
+    q_BTKGD = (q_BTHD * jnp.asarray(1 / math.sqrt(D), q_BTHD.dtype)).reshape(B, T, K, H // K, D)
+    valid_B1S = None if kv_valid_BS is None else kv_valid_BS[:, None, :].astype(bool)
+    if q_positions_BT is not None:
         k_pos = jnp.arange(S, dtype=jnp.int32)[None, None, :]
-        allowed_BTS = mask.allows(q_positions_BT.astype(jnp.int32)[:, :, None], k_pos, S)
-        allowed_BTS = jnp.broadcast_to(allowed_BTS, (B, T, S))
-    if kv_valid_BS is not None:
-        allowed_BTS = allowed_BTS & kv_valid_BS[:, None, :].astype(bool)
-    allowed_B11TS = allowed_BTS[:, None, None]
-    logits_BKGTS = jnp.where(allowed_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-    # A fully masked row softmaxes to uniform over finfo.min logits; zeroing it gives 0, not NaN.
-    probs_BKGTS = jnp.where(allowed_B11TS, probs_BKGTS, 0.0)
-    out_BTKGD = jnp.einsum(
-        "bkgts,bskd->btkgd", probs_BKGTS.astype(v_BSKD.dtype), v_BSKD,
-        preferred_element_type=jnp.float32,
-    )
-    return out_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
+        allowed_BTS = jnp.broadcast_to(
+            mask.allows(q_positions_BT.astype(jnp.int32)[:, :, None], k_pos, S), (B, T, S))
+        return _masked(q_BTKGD, k_BSKD, v_BSKD, allowed_BTS, valid_B1S, q_BTHD.dtype)
+    if not isinstance(q_offset, int | np.integer):  # a traced offset: a KV-cache step
+        allowed_BTS = mask_array(mask, T, S, q_offset)[None]
+        return _masked(q_BTKGD, k_BSKD, v_BSKD, allowed_BTS, valid_B1S, q_BTHD.dtype)
+    # A static mask: queries in chunks, each against the one key range that holds every key
+    # it may see (a causal or block mask's zero tiles are never computed).
+    dense_TS = mask.dense(T, S, int(q_offset))
+    outs = []
+    for (q0, q1), (k0, k1) in _tiles(dense_TS):
+        tile_TS = dense_TS[q0:q1, k0:k1]
+        allowed = None if tile_TS.all() else jnp.asarray(tile_TS)[None]
+        valid = None if valid_B1S is None else valid_B1S[:, :, k0:k1]
+        outs.append(_masked(q_BTKGD[:, q0:q1], k_BSKD[:, k0:k1], v_BSKD[:, k0:k1], allowed,
+                            valid, q_BTHD.dtype))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+# Query chunks of a static mask: at most this many, each at least this long.
+_MAX_CHUNKS, _MIN_CHUNK = 4, 64
+
+
+def _tiles(dense_TS: np.ndarray) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """[((q0, q1), (k0, k1))]: query chunks and, for each, the smallest key range holding
+    every key a query of the chunk may see (an empty one for queries that see none). One
+    chunk over every key unless chunking leaves out at least a fifth of the logits."""
+    T, S = dense_TS.shape
+    whole = [((0, T), (0, S))]
+    n = min(_MAX_CHUNKS, T // _MIN_CHUNK)
+    if n < 2:
+        return whole
+    bounds = [T * i // n for i in range(n + 1)]
+    tiles, work = [], 0
+    for q0, q1 in zip(bounds[:-1], bounds[1:]):
+        seen = np.flatnonzero(dense_TS[q0:q1].any(axis=0))
+        k0, k1 = (int(seen[0]), int(seen[-1]) + 1) if seen.size else (0, 1)
+        tiles.append(((q0, q1), (k0, k1)))
+        work += (q1 - q0) * (k1 - k0)
+    return tiles if work <= 0.8 * T * S else whole
+
+
+def _masked(q_BTKGD, k_BSKD, v_BSKD, allowed_bTS, valid_B1S, dtype):
+    """Attention of pre-scaled queries under a mask (None: every key), as [B, T, H, D]."""
+    if valid_B1S is not None:
+        allowed_bTS = valid_B1S if allowed_bTS is None else allowed_bTS & valid_B1S
+    out_BTKGD = _softmax_attention(q_BTKGD, k_BSKD, v_BSKD, allowed_bTS)
+    B, T, K, G, D = out_BTKGD.shape
+    return out_BTKGD.reshape(B, T, K * G, D).astype(dtype)
+
+
+def _forward(q_BTKGD, k_BSKD, v_BSKD, allowed_bTS):
+    """(out [B, T, K, G, D] float32, unnormalised probabilities p [B, K, G, T, S] float32,
+    1 / row sum [B, T, K, G, 1], 0 for a query that may see no key).
+
+    The probabilities are exp(logit - row max), normalised on the output rather than on
+    the [T, S] tile, which saves a pass over it.
+    """
+    logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD,
+                              preferred_element_type=jnp.float32)
+    if allowed_bTS is not None:
+        logits_BKGTS = jnp.where(allowed_bTS[:, None, None], logits_BKGTS,
+                                 jnp.finfo(jnp.float32).min)
+    p_BKGTS = jnp.exp(logits_BKGTS - jnp.max(logits_BKGTS, axis=-1, keepdims=True))
+    inv_sum_BTKG1 = jnp.transpose(1.0 / jnp.sum(p_BKGTS, axis=-1), (0, 3, 1, 2))[..., None]
+    if allowed_bTS is not None:  # a fully masked row's probabilities are uniform: zero it
+        inv_sum_BTKG1 = inv_sum_BTKG1 * jnp.any(allowed_bTS, axis=-1)[:, :, None, None, None]
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", p_BKGTS.astype(v_BSKD.dtype), v_BSKD,
+                           preferred_element_type=jnp.float32) * inv_sum_BTKG1
+    return out_BTKGD, p_BKGTS, inv_sum_BTKG1
+
+
+@jax.custom_vjp
+def _softmax_attention(q_BTKGD, k_BSKD, v_BSKD, allowed_bTS):
+    """softmax(q k^T masked) v of pre-scaled queries: float32 [B, T, K, G, D].
+
+    The backward pass is written out (as flash attention's): dS = P (dP - rowsum(dO O)),
+    which reads the [T, S] tile once, where autodiff of the softmax reduces over it again.
+    """
+    return _forward(q_BTKGD, k_BSKD, v_BSKD, allowed_bTS)[0]
+
+
+def _softmax_attention_fwd(q_BTKGD, k_BSKD, v_BSKD, allowed_bTS):
+    out_BTKGD, p_BKGTS, inv_sum_BTKG1 = _forward(q_BTKGD, k_BSKD, v_BSKD, allowed_bTS)
+    return out_BTKGD, (q_BTKGD, k_BSKD, v_BSKD, allowed_bTS, out_BTKGD, p_BKGTS, inv_sum_BTKG1)
+
+
+def _softmax_attention_bwd(residuals, d_out_BTKGD):
+    q_BTKGD, k_BSKD, v_BSKD, allowed_bTS, out_BTKGD, p_BKGTS, inv_sum_BTKG1 = residuals
+    d_scaled_BTKGD = d_out_BTKGD * inv_sum_BTKG1  # dO / row sum: P = p / row sum
+    dv_BSKD = jnp.einsum("bkgts,btkgd->bskd", p_BKGTS.astype(v_BSKD.dtype),
+                         d_scaled_BTKGD.astype(v_BSKD.dtype), preferred_element_type=jnp.float32)
+    dp_BKGTS = jnp.einsum("btkgd,bskd->bkgts", d_scaled_BTKGD.astype(v_BSKD.dtype), v_BSKD,
+                          preferred_element_type=jnp.float32)
+    delta_BTKG1 = jnp.sum(d_out_BTKGD * out_BTKGD, axis=-1, keepdims=True) * inv_sum_BTKG1
+    ds_BKGTS = p_BKGTS * (dp_BKGTS - jnp.transpose(delta_BTKG1, (0, 2, 3, 1, 4)))
+    dq_BTKGD = jnp.einsum("bkgts,bskd->btkgd", ds_BKGTS.astype(k_BSKD.dtype), k_BSKD,
+                          preferred_element_type=jnp.float32)
+    dk_BSKD = jnp.einsum("bkgts,btkgd->bskd", ds_BKGTS.astype(q_BTKGD.dtype), q_BTKGD,
+                         preferred_element_type=jnp.float32)
+    d_allowed = None if allowed_bTS is None else np.zeros(allowed_bTS.shape, jax.dtypes.float0)
+    return (dq_BTKGD.astype(q_BTKGD.dtype), dk_BSKD.astype(k_BSKD.dtype),
+            dv_BSKD.astype(v_BSKD.dtype), d_allowed)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)

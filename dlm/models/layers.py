@@ -51,6 +51,57 @@ def make_norm(kind: str, eps: float, name: str | None = None) -> nn.Module:
     return NORMS[kind](eps=eps, name=name)
 
 
+def project(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., K] @ kernel [K, N] with float32 accumulation; returns float32 [..., N].
+
+    Its gradient is written out so that the weight gradient is one dot contracting the
+    flattened leading axes of x and of the cotangent, as stored. Autodiff's transpose of the
+    same dot asks for the cotangent transposed, and XLA's CPU backend then fuses that
+    transpose into the elementwise producer of the cotangent (the GELU's derivative), a
+    strided write that cost more than the MLP's matmuls (`experiments.peer_benchmarks`).
+    Under `shard_map` both operands are first made varying over the same mesh axes (what
+    `jnp.dot` does implicitly), so the replicated kernel's gradient is summed over them.
+    """
+    axes_x, axes_k = _varying_axes(x), _varying_axes(kernel)
+    if axes_x != axes_k:
+        x = _vary(x, axes_k - axes_x)
+        kernel = _vary(kernel, axes_x - axes_k)
+    return _project(x, kernel)
+
+
+def _varying_axes(a: jax.Array) -> frozenset:
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)
+    return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _vary(a: jax.Array, axes: frozenset) -> jax.Array:
+    return jax.lax.pcast(a, tuple(sorted(axes)), to="varying") if axes else a
+
+
+@jax.custom_vjp
+def _project(x, kernel):
+    return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+
+
+def _project_fwd(x, kernel):
+    return _project(x, kernel), (x, kernel)
+
+
+def _project_bwd(residuals, g):
+    x, kernel = residuals
+    dx = jax.lax.dot_general(g.astype(kernel.dtype), kernel, (((g.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    flat_x = x.reshape(-1, x.shape[-1])
+    flat_g = g.reshape(-1, g.shape[-1]).astype(x.dtype)
+    dkernel = jax.lax.dot_general(flat_x, flat_g, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
 class Dense(nn.Module):
     """Linear layer, bias-free by default: float32 parameters, matmul in `dtype` with float32
     accumulation. Returns [..., features] in `out_dtype` (default `dtype`)."""
@@ -64,8 +115,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
-                    preferred_element_type=jnp.float32)
+        y = project(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return y.astype(self.out_dtype or self.dtype)
