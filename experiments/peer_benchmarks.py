@@ -258,6 +258,24 @@ def _median(rounds: list[dict], key: str):
     return statistics.median(values) if values else None
 
 
+def table(dlm_rounds: list[dict], ref_rounds: list[dict]) -> list[str]:
+    """The rows of the ratio table: per measurement the reference's and dlm's medians over
+    rounds and their ratio, each round's ratio (round i of dlm against round i of the
+    reference) in brackets; '—' where the reference has no such row."""
+    lines = []
+    for key, label, in_reference in ROWS:
+        ours = _median(dlm_rounds, key)
+        theirs = _median(ref_rounds, key) if in_reference else None
+        per_round = [f"{d[key] / r[key]:.2f}" for d, r in zip(dlm_rounds, ref_rounds)
+                     if in_reference and key in r]
+        ratio = f"**{ours / theirs:.2f}** ({', '.join(per_round)})" if theirs else "—"
+        nfe = _median(dlm_rounds, f"{key}_nfe")
+        calls = f" ({nfe} calls)" if nfe is not None else ""
+        lines.append(f"| {label}{calls} | {f'{theirs:.1f}' if theirs else '—'} | "
+                     f"{ours:.1f} | {ratio} |")
+    return lines
+
+
 def peer_section(command: str) -> str:
     with_reference = bool(_PYTHON.value and _BD3LMS.value)
     if bool(_PYTHON.value) != bool(_BD3LMS.value):
@@ -271,17 +289,7 @@ def peer_section(command: str) -> str:
             dlm_rounds.append(_dlm_round())
             if with_reference:
                 ref_rounds.append(_reference_round(tmp))
-    lines = []
-    for key, label, in_reference in ROWS:
-        ours = _median(dlm_rounds, key)
-        theirs = _median(ref_rounds, key) if in_reference else None
-        per_round = [f"{d[key] / r[key]:.2f}" for d, r in zip(dlm_rounds, ref_rounds)
-                     if in_reference and key in r]
-        ratio = f"**{ours / theirs:.2f}** ({', '.join(per_round)})" if theirs else "—"
-        nfe = _median(dlm_rounds, f"{key}_nfe")
-        calls = f" ({nfe} calls)" if nfe is not None else ""
-        lines.append(f"| {label}{calls} | {f'{theirs:.1f}' if theirs else '—'} | "
-                     f"{ours:.1f} | {ratio} |")
+    lines = table(dlm_rounds, ref_rounds)
     d = dlm_rounds[0]
     overheads = []
     for b in (1, 16):

@@ -207,6 +207,19 @@ CHUNKED_CASES = [
 ]
 
 
+def test_static_mask_tiles():
+    from dlm.models.attention import _tiles
+
+    causal = _tiles(loop_mask(MaskSpec.causal(), 256, 256, 0))
+    assert causal == [((0, 64), (0, 64)), ((64, 128), (0, 128)), ((128, 192), (0, 192)),
+                      ((192, 256), (0, 256))]
+    # BD3-LM over x_t ⊕ x_0 (L = 128, b = 16): x_0's queries never read x_t.
+    bd3lm = _tiles(loop_mask(MaskSpec.bd3lm(16), 256, 256, 0))
+    assert bd3lm[2:] == [((128, 192), (128, 192)), ((192, 256), (128, 256))]
+    assert _tiles(loop_mask(MaskSpec.full(), 256, 256, 0)) == [((0, 256), (0, 256))]
+    assert _tiles(loop_mask(MaskSpec.causal(), 64, 64, 0)) == [((0, 64), (0, 64))]  # short
+
+
 @pytest.mark.parametrize("spec,T,S,q_offset", CHUNKED_CASES, ids=str)
 def test_attend_chunked_static_mask_matches_naive(spec, T, S, q_offset):
     from dlm.models.attention import _tiles
