@@ -146,9 +146,9 @@ class BlockDiffusion(process.Process):
             mask_prob_BL = jnp.where(given_BL, 0.0, mask_prob_BL)
         xt_BL = masked.mask_tokens(tokens_BL, mask_prob_BL, mask_rng, example_id_B,
                                    self.mask_id)
-        positions_L = jnp.arange(length)
+        positions_L = np.arange(length)  # static, so RoPE's tables are constants
         logits_BLV = model_fn(jnp.concatenate([xt_BL, tokens_BL], axis=1), None,
-                              positions_BL=jnp.concatenate([positions_L, positions_L]),
+                              positions_BL=np.concatenate([positions_L, positions_L]),
                               mask=MaskSpec.bd3lm(self.block_size), output_len=length,
                               **process.attention_options(batch, copies=2))
         log_probs_BLV = masked.subs_log_probs(logits_BLV, xt_BL, self.mask_id)

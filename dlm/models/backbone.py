@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dlm.models.kv_cache import KVCache
 from dlm.models.layers import (
@@ -198,7 +199,8 @@ class Backbone(nn.Module):
         padding, never attended).
         """
         L = tokens_BL.shape[1]
-        positions = jnp.arange(L) if positions_BL is None else positions_BL
+        # Static (numpy) positions make RoPE's tables constants (`layers.apply_rope`).
+        positions = np.arange(L) if positions_BL is None else positions_BL
         logits, _ = self._run(tokens_BL, t_B, positions, mask, train=train,
                               output_len=output_len, kv_valid_BS=kv_valid_BL)
         return logits

@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dlm.models.attention import attend
 from dlm.models.masks import MaskSpec
@@ -145,38 +146,59 @@ class Rope:
     factor: float = 1.0
     original_len: int = 0
 
-    def inv_freq(self, head_dim: int, positions: jax.Array) -> jax.Array:
-        """float32 [head_dim / 2]: the rotation frequencies for a call at `positions`."""
+    def inv_freq(self, head_dim: int, positions) -> np.ndarray | jax.Array:
+        """float32 [head_dim / 2]: the rotation frequencies for a call at `positions`.
+
+        A numpy constant (float64 maths, rounded once) unless 'dynamic' scaling has to read
+        traced positions; so every call at the same length rotates by the same angles."""
         half = head_dim // 2
-        exponent = jnp.arange(half, dtype=jnp.float32) / half
-        base = jnp.float32(self.base)
+        xp = jnp if self.scaling == "dynamic" and not _static(positions) else np
+        exponent = xp.arange(half, dtype=xp.float64 if xp is np else xp.float32) / half
+        base = self.base
         if self.scaling == "ntk":
-            base = base * jnp.float32(self.factor) ** (head_dim / (head_dim - 2))
+            base = base * self.factor ** (head_dim / (head_dim - 2))
         elif self.scaling == "dynamic":
-            length = jnp.max(positions).astype(jnp.float32) + 1.0
+            length = xp.max(positions).astype(exponent.dtype) + 1.0
             grown = self.factor * length / self.original_len - (self.factor - 1.0)
-            base = jnp.where(length > self.original_len,
-                             base * grown ** (head_dim / (head_dim - 2)), base)
+            base = xp.where(length > self.original_len,
+                            base * grown ** (head_dim / (head_dim - 2)), base)
         inv_freq = base ** (-exponent)
-        return inv_freq / self.factor if self.scaling == "linear" else inv_freq
+        if self.scaling == "linear":
+            inv_freq = inv_freq / self.factor
+        return inv_freq.astype(xp.float32)
+
+
+def _static(positions) -> bool:
+    """Whether `positions` are known at trace time (a numpy array or a Python sequence)."""
+    return not isinstance(positions, jax.Array)
 
 
 def apply_rope(x_BTHD: jax.Array, positions: jax.Array, rope: Rope = Rope()) -> jax.Array:
     """Rotary position embedding (rotate-half convention) on [B, T, H, D], D even.
 
-    `positions` are integer [B, T] or [T]. Angles and rotation are computed in float32;
-    returns [B, T, H, D] in x's dtype.
+    `positions` are integer [B, T] or [T]: a jax array, or numpy for positions known at trace
+    time (then the cos/sin tables are constants). Angles and rotation are computed in
+    float32; returns [B, T, H, D] in x's dtype.
     """
     D = x_BTHD.shape[-1]
     if D % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {D}")
     half = D // 2
     inv_freq_F = rope.inv_freq(D, positions)
-    positions = jnp.asarray(positions, jnp.float32)
-    if positions.ndim == 1:
-        positions = positions[None]
-    angles_BT1F = (positions[..., None] * inv_freq_F)[:, :, None, :]
-    cos, sin = jnp.cos(angles_BT1F), jnp.sin(angles_BT1F)
+    if _static(positions) and isinstance(inv_freq_F, np.ndarray):
+        # Static positions (a full forward): the tables are constants. Computed by XLA, cos
+        # and sin would be fused into the rotation and evaluated once per element of x, H
+        # times over and again in the backward, which cost more than the softmax on CPU.
+        positions = np.asarray(positions, np.float32).reshape(-1, np.shape(positions)[-1])
+        angles_BT1F = (positions[..., None] * inv_freq_F)[:, :, None, :]  # float32 product
+        cos, sin = (f(angles_BT1F.astype(np.float64)).astype(np.float32)
+                    for f in (np.cos, np.sin))
+    else:
+        positions = jnp.asarray(positions, jnp.float32)
+        if positions.ndim == 1:
+            positions = positions[None]
+        angles_BT1F = (positions[..., None] * inv_freq_F)[:, :, None, :]
+        cos, sin = jnp.cos(angles_BT1F), jnp.sin(angles_BT1F)
     x = x_BTHD.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
