@@ -139,6 +139,7 @@ def reference(tmp_path_factory):
     return root, data_dir, workdir
 
 
+@pytest.mark.slow  # run by .ci/run after `make test` (make test-slow)
 def test_two_processes_equal_one_process(reference):
     root, data_dir, one = reference
     two = root / "two_processes"
