@@ -184,7 +184,6 @@ def measure_dlm(iters: int) -> dict:
                               length=LENGTH, prompt=[0], num_batches=sampler_iters + 1)
         out[row] = 1e3 * statistics.median(drawn.seconds[1:])
         out[f"{row}_nfe"] = int(np.max(drawn.output.nfe_B))
-        return drawn
 
     net = networks.from_flax(exp.model, exp.process, None, context_len=LENGTH)
     time_sampler("first_hitting", sampling.get_sampler("first_hitting"), net, params)

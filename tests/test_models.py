@@ -7,7 +7,7 @@ import pytest
 
 from dlm.models import KVCache, build_model, model_config, param_count
 from dlm.models.dit import DiT
-from dlm.models.layers import Dense, LayerNorm, apply_rope, project
+from dlm.models.layers import Dense, LayerNorm, Rope, apply_rope, project
 from dlm.models.transformer import Transformer
 
 VOCAB = 11
@@ -75,6 +75,24 @@ def test_rope_positions_shapes_and_float32_compute():
     expected = apply_rope(x_bf.astype(jnp.float32), pos_T + 1000).astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(out_bf, np.float32),
                                   np.asarray(expected, np.float32))
+
+
+@pytest.mark.parametrize("rope", [Rope(), Rope(scaling="linear", factor=2.0),
+                                  Rope(scaling="ntk", factor=4.0),
+                                  Rope(scaling="dynamic", factor=2.0, original_len=64)],
+                         ids=lambda r: r.scaling)
+def test_rope_static_positions_equal_traced_positions(rope):
+    """Numpy positions (constant tables built at trace time) against the same positions
+    traced under jit (tables computed by XLA): the same rotation to float32 rounding."""
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 100, 3, 16)), jnp.float32)
+    for pos in (np.arange(100), np.stack([np.arange(100), np.arange(100) + 7])):
+        static = jax.jit(lambda x, pos=pos: apply_rope(x, pos, rope))(x)
+        traced = jax.jit(lambda x, p: apply_rope(x, p, rope))(x, jnp.asarray(pos))
+        # dynamic scaling's traced frequencies are float32 maths, the static ones float64
+        atol = 1e-4 if rope.scaling == "dynamic" else 1e-5
+        np.testing.assert_allclose(static, traced, rtol=0, atol=atol)
+    assert not np.allclose(apply_rope(x, np.arange(100), rope), apply_rope(x, np.arange(100) + 1,
+                                                                        rope), atol=1e-3)
 
 
 def test_layernorm_float32_under_bf16_input():

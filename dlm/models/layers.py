@@ -185,20 +185,14 @@ def apply_rope(x_BTHD: jax.Array, positions: jax.Array, rope: Rope = Rope()) -> 
         raise ValueError(f"RoPE needs an even head dimension, got {D}")
     half = D // 2
     inv_freq_F = rope.inv_freq(D, positions)
-    if _static(positions) and isinstance(inv_freq_F, np.ndarray):
-        # Static positions (a full forward): the tables are constants. Computed by XLA, cos
-        # and sin would be fused into the rotation and evaluated once per element of x, H
-        # times over and again in the backward, which cost more than the softmax on CPU.
-        positions = np.asarray(positions, np.float32).reshape(-1, np.shape(positions)[-1])
-        angles_BT1F = (positions[..., None] * inv_freq_F)[:, :, None, :]  # float32 product
-        cos, sin = (f(angles_BT1F.astype(np.float64)).astype(np.float32)
-                    for f in (np.cos, np.sin))
-    else:
-        positions = jnp.asarray(positions, jnp.float32)
-        if positions.ndim == 1:
-            positions = positions[None]
-        angles_BT1F = (positions[..., None] * inv_freq_F)[:, :, None, :]
-        cos, sin = jnp.cos(angles_BT1F), jnp.sin(angles_BT1F)
+    # Static positions (a full forward) give constant tables (numpy, at trace time). Computed
+    # by XLA, cos and sin are fused into the rotation and evaluated once per element of x,
+    # H times over and again in the backward, which cost more than the softmax on CPU.
+    xp = np if _static(positions) and isinstance(inv_freq_F, np.ndarray) else jnp
+    positions = xp.asarray(positions, xp.float32)
+    positions = positions.reshape(-1, positions.shape[-1])
+    angles_BT1F = (positions[..., None] * inv_freq_F)[:, :, None, :]
+    cos, sin = xp.cos(angles_BT1F), xp.sin(angles_BT1F)
     x = x_BTHD.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
