@@ -22,7 +22,11 @@ from dlm.diffusion import LogLinearSchedule, MaskedDiffusion
 
 @pytest.fixture(scope="module")
 def dit():
-    model, params = test_kv_reuse._dit()
+    # Perturbed less than kv_reuse's DiT: at 0.3 its adaLN scales blow the residual stream up
+    # to ~1e4 and a one-ulp difference between the batch-B and the batch-KB matmul (XLA CPU
+    # blocks them differently) reached 4e-3 in the logits and flipped sampled tokens on one
+    # machine. At 0.15 the difference is ~4e-6 on logits up to 7 (top-1 mean 0.39).
+    model, params = test_kv_reuse._dit(scale=0.15)
     vocab = sampling.Vocab(mask_id=test_kv_reuse.V - 1, eos_id=0, pad_id=1)
     network = sampling.from_flax(model, MaskedDiffusion(LogLinearSchedule(),
                                                         test_kv_reuse.V - 1))

@@ -37,12 +37,12 @@ def _perturbed(model, length, scale=0.3):
                                      for p, k in zip(leaves, keys)])
 
 
-def _dit(mask="full", time_conditioning=False):
+def _dit(mask="full", time_conditioning=False, scale=0.3):
     config = model_config("micro", "dit")
     config.update(hidden=32, layers=2, heads=2, kv_heads=2, dropout=0.0, mask=mask,
                   time_conditioning=time_conditioning)
     model = build_model(config, V)
-    return model, _perturbed(model, L)
+    return model, _perturbed(model, L, scale)
 
 
 @pytest.fixture(scope="module")
