@@ -22,6 +22,8 @@ Suites:
                       the uncached samplers: see `experiments.cache_benchmarks`.
   speculative         FreeDave, Jacobi decoding and DiffuSpec against the decodes whose
                       output they promise: see `experiments.speculative_benchmarks`.
+  adaptive            early exit (Prophet, SchED) and remasking (RCR, backtracking) on the
+                      SFT task models: see `experiments.adaptive_benchmarks`.
   peer                train steps, forwards and samplers against the PyTorch reference
                       (bd3lms) at its shapes: see `experiments.peer_benchmarks`.
 
@@ -44,6 +46,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import (
+    adaptive_benchmarks,
     block_benchmarks,
     cache_benchmarks,
     edlm_benchmarks,
@@ -57,7 +60,8 @@ from experiments import (
 
 _SUITES = flags.DEFINE_list("suites", ["throughput", "bpc"],
                             "Suites to run: throughput, bpc, sampling, ladder, bd3lm_cost, "
-                            "edlm, sdtt, tasks, pretrained_memory, caches, speculative, peer.")
+                            "edlm, sdtt, tasks, pretrained_memory, caches, speculative, adaptive, "
+                            "peer.")
 _SIZES = flags.DEFINE_list("sizes", ["micro", "tiny"], "Model sizes for `throughput`.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch for `throughput`.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Sequence length for `throughput`.")
@@ -446,6 +450,7 @@ def main(argv):
               "pretrained_memory": pretrained_benchmarks.memory_section,
               "caches": cache_benchmarks.caches_section,
               "speculative": speculative_benchmarks.speculative_section,
+              "adaptive": adaptive_benchmarks.adaptive_section,
               "peer": peer_benchmarks.peer_section}
     unknown = set(_SUITES.value) - set(suites)
     if unknown:

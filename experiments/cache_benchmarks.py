@@ -106,29 +106,16 @@ def measure_random(folder: pathlib.Path) -> list[dict]:
     return rows
 
 
-def _task_workdir(task: str, root: pathlib.Path) -> pathlib.Path:
-    given = dict(entry.split("=", 1) for entry in _TASK_RUNS.value)
-    if task in given:
-        return pathlib.Path(given[task]).expanduser().resolve()
-    from experiments import task_benchmarks
-
-    workdir = root / f"{task}_mdlm"
-    steps = task_benchmarks.steps_for(task, flags.FLAGS["tasks_steps"].value)
-    task_benchmarks._train(task, "mdlm", workdir, steps)
-    return workdir
-
-
 def measure_tasks(root: pathlib.Path) -> tuple[list[dict], dict[str, str]]:
     """(one row per (task, decoding, policy) on the tasks' MDLM SFT runs, {task: the run
     decoded, with its training steps})."""
     from dlm import runs
+    from experiments import task_benchmarks
 
     rows, decoded = [], {}
     for task in _TASKS.value:
-        workdir = _task_workdir(task, root)
-        checkpoints = [int(p.name) for p in (workdir / "checkpoints").iterdir()
-                       if p.name.isdigit()]
-        decoded[task] = f"{workdir} ({max(checkpoints)} steps)"
+        workdir = task_benchmarks.trained_run(task, root, _TASK_RUNS.value)
+        decoded[task] = task_benchmarks.described(workdir)
         for label, name, options in _decodings(_TASK_BLOCK.value, _THRESHOLD.value):
             for policy in _POLICIES.value:
                 summary = runs.evaluate_task(

@@ -114,6 +114,25 @@ def _train(task: str, method: str, workdir: pathlib.Path, steps: int) -> None:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
 
 
+def trained_run(task: str, root: pathlib.Path, given: list[str],
+                method: str = "mdlm") -> pathlib.Path:
+    """The workdir of `task`'s SFT run of `method`: the one `given` as TASK=WORKDIR, else
+    root/TASK_METHOD trained (or resumed, or found finished) as this suite trains it, for
+    the steps of `--tasks_steps`."""
+    runs = dict(entry.split("=", 1) for entry in given)
+    if task in runs:
+        return pathlib.Path(runs[task]).expanduser().resolve()
+    workdir = root / f"{task}_{method}"
+    _train(task, method, workdir, steps_for(task, _STEPS.value))
+    return workdir
+
+
+def described(workdir: pathlib.Path) -> str:
+    """'WORKDIR (N steps)': a run and its latest checkpoint's step."""
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    return f"{workdir} ({max(steps)} steps)"
+
+
 def measure(root: pathlib.Path) -> list[dict]:
     """Trains every run and answers with every setting; one dict per (task, run, setting)."""
     from configs import sft
@@ -137,23 +156,31 @@ def measure(root: pathlib.Path) -> list[dict]:
 
 
 def _answer(workdir: pathlib.Path, steps: int, label: str, name: str, options: dict) -> dict:
-    """The summary of one setting on one run: measured now, or read back from the run's
-    `frontier/` when an earlier invocation measured the same setting on the same
-    training steps and examples (so that a killed suite resumes; tokens/s is then that run's)."""
+    """The summary of one setting on one run (see `answer_cached`; under `frontier/`)."""
+    return answer_cached(workdir / "frontier", label, name, options, _NUM_EXAMPLES.value,
+                         _BATCH.value, trained_steps=steps)
+
+
+def answer_cached(folder: pathlib.Path, label: str, name: str, options: dict,
+                  num_examples: int, batch_size: int, **key) -> dict:
+    """The summary of one setting (sampler `name` with `options`) on the run `folder` lies
+    in: measured now, or read back from `folder/LABEL.json` when an earlier invocation
+    measured the same setting on the same examples (and the same `key` entries, e.g. the
+    training steps), so that a killed suite resumes; tokens/s is then that run's."""
     from dlm import runs as runs_lib
 
-    key = {"sampler": name, "options": options, "num_examples": _NUM_EXAMPLES.value,
-           "batch_size": _BATCH.value, "trained_steps": steps}
-    cache = workdir / "frontier" / f"{_slug(label)}.json"
+    key = {"sampler": name, "options": options, "num_examples": num_examples,
+           "batch_size": batch_size, **key}
+    cache = folder / f"{_slug(label)}.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved["key"] == key:
             return saved["summary"]
-    cache.parent.mkdir(exist_ok=True)
+    folder.mkdir(exist_ok=True)
     options = dict(options)
     summary = runs_lib.evaluate_task(
-        str(workdir), name, str(cache.with_suffix(".jsonl")), num_examples=_NUM_EXAMPLES.value,
-        batch_size=_BATCH.value, steps=options.pop("steps", None), overrides=options)
+        str(folder.parent), name, str(cache.with_suffix(".jsonl")), num_examples=num_examples,
+        batch_size=batch_size, steps=options.pop("steps", None), overrides=options)
     cache.write_text(json.dumps({"key": key, "summary": summary}))
     return summary
 
@@ -204,8 +231,10 @@ def checks(results: list[dict]) -> list[str]:
     return lines
 
 
-def plot(results: list[dict], path: pathlib.Path) -> None:
-    """Accuracy against answer tokens/s, one panel per task, one point per setting."""
+def plot(results: list[dict], path: pathlib.Path,
+         groups: tuple[str, ...] = ("mdlm", "bd3lm", "ar")) -> None:
+    """Accuracy against answer tokens/s, one panel per task, one point per setting, one
+    marker per `groups` entry (a result's "method")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,9 +243,8 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
     task_names = list(dict.fromkeys(r["task"] for r in results))
     fig, axes = plt.subplots(1, len(task_names), figsize=(5 * len(task_names), 4),
                              squeeze=False)
-    markers = {"mdlm": "o", "bd3lm": "s", "ar": "^"}
     for ax, task in zip(axes[0], task_names):
-        for method, marker in markers.items():
+        for method, marker in zip(groups, "os^Dvx*P"):
             rows = _by(results, task, lambda r, m=method: r["method"] == m)
             if not rows:
                 continue

@@ -302,6 +302,19 @@ def test_fast_dllm_v2_sub_block_cache(block_network, policy):
     np.testing.assert_array_equal(without_kv.tokens_BL, reference.tokens_BL)
 
 
+def test_sub_blocks_share_each_blocks_steps_in_every_block(block_network):
+    """Two steps per block of 8 in sub-blocks of 4: each sub-block gets one step, so it is
+    committed whole at once, in every block (the inner rule counts steps, its own and its
+    commits', from the block's start)."""
+    network, params = block_network
+    out = _draw(network, params, "bd3lm", policy="fixed_count", steps=2, sub_block=4,
+                temperature=0.0, prompt=tuple(range(1, 9)), batch=1)
+    assert not np.any(np.asarray(out.tokens_BL) == V - 1)
+    commit_steps = np.asarray(out.commit_step_BL[0, 8:]).reshape(-1, 4)
+    assert np.all(commit_steps == commit_steps[:, :1])  # one step per sub-block
+    assert int(out.steps) == 2 * (L // 8 - 1)
+
+
 def test_fast_dllm_v2_options_are_checked(block_network):
     with pytest.raises(ValueError, match="needs sub_block and kv_cache=True"):
         sampling.get_sampler("bd3lm", cache="dual")

@@ -91,12 +91,13 @@ def answer(sampler, network, params, task: Task, examples: Sequence[Example], to
         for row, i in enumerate(chunk):
             rows.append(_row(task, examples[i], tokenizer, out.tokens_BL[row], known_BL[row],
                              len(prompts[i]), int(out.nfe_B[row]),
-                             sum(drawn.seconds) / batch_size, int(out.token_forwards_B[row])))
+                             sum(drawn.seconds) / batch_size, int(out.token_forwards_B[row]),
+                             int(out.remasked_B[row])))
     return rows, summarize(rows, sampler.name, seconds, compile_seconds)
 
 
 def _row(task: Task, example: Example, tokenizer, tokens_L, known_L, prompt_len: int,
-         nfe: int, seconds: float, token_forwards: int) -> dict:
+         nfe: int, seconds: float, token_forwards: int, remasked: int = 0) -> dict:
     response = sft.response_ids(tokens_L, prompt_len, tokenizer.eos_id)
     text = tokenizer.decode(response, skip_special=True)
     answer_tokens = min(len(response) + 1, int(np.sum(~known_L)))  # with its EOS
@@ -109,6 +110,7 @@ def _row(task: Task, example: Example, tokenizer, tokens_L, known_L, prompt_len:
         "correct": bool(task.is_correct(example, text)),
         "nfe": nfe,
         "token_forwards": token_forwards,
+        "remasked": remasked,
         "answer_tokens": answer_tokens,
         "decoded_positions": int(np.sum(~known_L)),
         "seconds": seconds,
@@ -120,7 +122,8 @@ def summarize(rows: Sequence[dict], sampler_name: str, seconds: float,
     """Accuracy with its standard error (binomial, sqrt(p (1 - p) / n)), mean NFE, answer
     tokens and decoded positions per network call, the query positions the network processed
     per answer token (`token_forwards_per_token`: L per plain call, fewer with a KV cache),
-    answer tokens per second."""
+    committed tokens re-masked per answer (`mean_remasked`, remasking samplers), answer
+    tokens per second."""
     n = len(rows)
     accuracy = float(np.mean([r["correct"] for r in rows]))
     nfe = np.asarray([r["nfe"] for r in rows], np.float64)
@@ -137,6 +140,7 @@ def summarize(rows: Sequence[dict], sampler_name: str, seconds: float,
         / max(answer_tokens, 1.0),
         "positions_per_call": float(sum(r["decoded_positions"] for r in rows)) / calls,
         "mean_answer_tokens": answer_tokens / n,
+        "mean_remasked": float(np.mean([r.get("remasked", 0) for r in rows])),
         "tokens_per_second": answer_tokens / seconds if seconds > 0 else float("nan"),
         "seconds": seconds,
         "compile_seconds": compile_seconds,

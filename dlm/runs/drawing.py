@@ -158,6 +158,7 @@ def sample(run: loading.Run, sampler, *, num_samples: int, length: int, prompt: 
             run.config.model, forwards_per_token, length)),
         "entropy": float(np.mean([generative.unigram_entropy(row[keep])
                                   for row, keep in zip(tokens, generated)])),
+        "mean_remasked": float(np.mean(drawn.output.remasked_B[:num_samples])),
     }
     if judge is not None:
         window = int(judge.config.data.seq_len)

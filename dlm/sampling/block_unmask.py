@@ -217,7 +217,9 @@ class BlockUnmask:
         after = self.inner.update(network, sub, logits_BTV.astype(jnp.float32), key)
         mask_id = network.vocab.mask_id
         committed_BT = sub.open_BL(mask_id) & ~after.open_BL(mask_id)
-        commit_step_BT = jnp.where(committed_BT, state.step, sub.commit_step_BL)
+        reopened_BT = ~sub.open_BL(mask_id) & after.open_BL(mask_id)  # remasking policies
+        commit_step_BT = jnp.where(committed_BT, state.step, jnp.where(
+            reopened_BT, -1, _cut(state.commit_step_BL, start, b)))
 
         def paste(x_BL, x_BT):
             return lax.dynamic_update_slice_in_dim(x_BL, x_BT, start, axis=1)
@@ -226,18 +228,21 @@ class BlockUnmask:
             tokens_BL=paste(state.tokens_BL, after.tokens_BL),
             confidence_BL=paste(state.confidence_BL, after.confidence_BL),
             commit_step_BL=paste(state.commit_step_BL, commit_step_BT),
-            t_B=after.t_B)
+            t_B=after.t_B, remasked_B=after.remasked_B)
 
     def _sub_state(self, state: SamplerState) -> SamplerState:
-        """The current block of `state` as a sequence of b tokens, its step counted from the
-        block's start (what the inner rule sees)."""
+        """The current block of `state` as a sequence of b tokens, its steps (the step and
+        the commit steps) counted from the block's start (what the inner rule sees; a
+        position filled before the block started, after an EOS, counts as committed at -1)."""
         b = self._resolved_block_size()
         carry = state.cache
         start = carry.block * b
+        commit_step_BT = _cut(state.commit_step_BL, start, b)
         return state.replace(
             tokens_BL=_cut(state.tokens_BL, start, b), known_BL=_cut(state.known_BL, start, b),
             confidence_BL=_cut(state.confidence_BL, start, b),
-            commit_step_BL=_cut(state.commit_step_BL, start, b),
+            commit_step_BL=jnp.where(commit_step_BT >= 0, jnp.maximum(
+                commit_step_BT - carry.block_start, -1), -1),
             step=state.step - carry.block_start, cache=None)
 
     def _sub_block_logits(self, network, params, sub: SamplerState, kv, start, new_block,

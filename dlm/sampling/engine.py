@@ -70,6 +70,7 @@ def keep_done(before: SamplerState, after: SamplerState) -> SamplerState:
         t_B=jnp.where(done_B, before.t_B, after.t_B),
         nfe_B=before.nfe_B + jnp.where(done_B, 0, after.nfe - before.nfe),
         token_forwards_B=jnp.where(done_B, before.token_forwards_B, after.token_forwards_B),
+        remasked_B=jnp.where(done_B, before.remasked_B, after.remasked_B),
     )
 
 
@@ -111,9 +112,9 @@ class Drawn:
 
     Attributes:
       output: the samples on the host (numpy), batches concatenated: tokens_BL, known_BL,
-        confidence_BL, commit_step_BL [num_batches * B, L], nfe_B, token_forwards_B and
-        done_B [num_batches * B]; nfe (network calls) and steps (loop iterations) summed over the
-        batches.
+        confidence_BL, commit_step_BL [num_batches * B, L], nfe_B, token_forwards_B,
+        remasked_B and done_B [num_batches * B]; nfe (network calls) and steps (loop
+        iterations) summed over the batches.
       seconds: wall time of each batch's call, compilation excluded.
       compile_seconds: the time to compile the loop for these shapes (near 0 when JAX had
         already compiled it).

@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Callable
 
 from dlm.registry import Registry
+from dlm.sampling import adaptive as adaptive_lib
 from dlm.sampling import categorical, kv_reuse, scores, select, times, transforms
 from dlm.sampling.block_unmask import BlockUnmask
 from dlm.sampling.engine import Sampler, StepRule
@@ -80,6 +81,53 @@ class Decoding:
 DECODING_OPTIONS = tuple(field.name for field in dataclasses.fields(Decoding))
 
 
+@dataclasses.dataclass(frozen=True)
+class Adaptive:
+    """The adaptive-decoding options of the recipes that decode with the masked-diffusion
+    rule and take `adaptive_options` (see `dlm.sampling.adaptive`): early exit and
+    remasking.
+
+    Attributes:
+      early_exit: 'none', 'prophet' (Prophet's piecewise schedule), or SchED's 'linear',
+        'cosine', 'exp': commit every remaining position once the mean top-2 logit margin
+        over them clears the schedule's threshold at the decoding's progress.
+      exit_high, exit_low: the schedule's first and last thresholds (None: 7.5 and 2.5, in
+        nats of margin; Prophet's middle one is their mean; inf: never exits).
+      exit_span: 'all' positions still to decode (the papers') or 'content': those not
+        predicted to be the end-of-text fill (see `adaptive.EarlyExit`).
+      exit_aggregate: 'mean' (the papers') or 'min' of the margins over the span.
+      remask: 'none', 'rcr' (MDPO's running-confidence remasking) or 'backtrack' (Saber's:
+        committed tokens whose probability fell below `remask_threshold`).
+      remask_per_step, remask_total: the budget: re-opened positions per step and per
+        sample (None: unbounded); 0 is the sampler without remasking, exactly.
+      remask_threshold: backtrack's probability threshold.
+    """
+
+    early_exit: str = "none"
+    exit_high: float | None = None
+    exit_low: float | None = None
+    exit_span: str = "all"
+    exit_aggregate: str = "mean"
+    remask: str = "none"
+    remask_per_step: int = 1
+    remask_total: int | None = None
+    remask_threshold: float = 0.1
+
+    def __post_init__(self):  # each raises ValueError naming the bad option
+        self.policies()
+
+    def policies(self) -> dict:
+        """{'exit': ..., 'remask': ...}: the policies for `unmask.Unmask`."""
+        return {"exit": adaptive_lib.exit_policy(self.early_exit, self.exit_high,
+                                                 self.exit_low, self.exit_span,
+                                                 self.exit_aggregate),
+                "remask": adaptive_lib.remask_policy(self.remask, self.remask_per_step,
+                                                     self.remask_total, self.remask_threshold)}
+
+
+ADAPTIVE_OPTIONS = tuple(field.name for field in dataclasses.fields(Adaptive))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Recipe:
     """A registered sampler: `build(decoding, **own options) -> step rule` and the defaults
@@ -92,6 +140,9 @@ class Recipe:
     def sampler(self, **overrides) -> Sampler:
         values = {**self.defaults, **overrides}
         decoding = Decoding(**{name: values.pop(name) for name in DECODING_OPTIONS})
+        if _takes_adaptive(self.build):
+            values["adaptive_options"] = Adaptive(**{name: values.pop(name)
+                                                     for name in ADAPTIVE_OPTIONS})
         return Sampler(self.name, self.build(decoding, **values), decoding.stop)
 
 
@@ -104,7 +155,9 @@ def recipe(name: str, build: Callable[..., StepRule] | None = None, **defaults):
     decorator (returning the function unchanged, so recipes can call each other)."""
     def add(build):
         own = list(inspect.signature(build).parameters.values())[1:]
-        values = {p.name: p.default for p in own}
+        values = {p.name: p.default for p in own if p.name != "adaptive_options"}
+        if _takes_adaptive(build):
+            values.update({field.name: field.default for field in dataclasses.fields(Adaptive)})
         values.update({field.name: field.default for field in dataclasses.fields(Decoding)})
         unknown = sorted(set(defaults) - set(values))
         if unknown:
@@ -113,6 +166,11 @@ def recipe(name: str, build: Callable[..., StepRule] | None = None, **defaults):
         return build
 
     return add if build is None else add(build)
+
+
+def _takes_adaptive(build) -> bool:
+    """Whether a recipe takes the `Adaptive` options (a parameter `adaptive_options`)."""
+    return "adaptive_options" in inspect.signature(build).parameters
 
 
 def _check_positive(name: str, value, allow_none: bool = True) -> None:
@@ -177,45 +235,50 @@ def _kv(cache: str, cache_every: int | None, cache_vicinity: int | None,
 def llada(decoding: Decoding, steps: int | None = None, block_length: int | None = 32,
           remasking: str = "low_confidence", cache: str = "none",
           cache_every: int | None = None, cache_vicinity: int | None = None,
-          cache_variant: str | None = None) -> Unmask:
+          cache_variant: str | None = None,
+          adaptive_options: Adaptive = Adaptive()) -> Unmask:
     """LLaDA: semi-autoregressive blocks of `block_length` (None: one block), `steps` (None:
     one per position) shared evenly between them; each step commits a fixed share of the
     block's masks, the most confident ('low_confidence' remasking) or random ones. `cache`
-    (with `cache_every`, `cache_vicinity`, `cache_variant`): an approximate KV cache."""
+    (with `cache_every`, `cache_vicinity`, `cache_variant`): an approximate KV cache.
+    `early_exit`, `remask` and their options: `Adaptive`'s."""
     _check_positive("steps", steps)
     _check_positive("block_length", block_length)
     score = scores.by_name(remasking, LLADA_REMASKING, option="remasking")
     return decoding.unmask(select=select.ScheduledCount("linear"), score=score, steps=steps,
                            block_length=block_length,
                            kv=_kv(cache, cache_every, cache_vicinity, cache_variant,
-                                  block_length))
+                                  block_length), **adaptive_options.policies())
 
 
 @recipe("dream", temperature=0.2, top_p=0.95)
 def dream(decoding: Decoding, steps: int | None = None, alg: str = "entropy",
           block_length: int | None = None, cache: str = "none",
           cache_every: int | None = None, cache_vicinity: int | None = None,
-          cache_variant: str | None = None) -> Unmask:
+          cache_variant: str | None = None,
+          adaptive_options: Adaptive = Adaptive()) -> Unmask:
     """Dream: each of `steps` steps commits masked positions / steps left, ordered by
     `alg`: 'entropy' (lowest entropy first), 'margin' (top-1 minus top-2 probability),
-    'confidence' or 'random'; `cache` options as `llada`'s (with `block_length`)."""
+    'confidence' or 'random'; `cache` options as `llada`'s (with `block_length`), and
+    `Adaptive`'s."""
     _check_positive("steps", steps)
     _check_positive("block_length", block_length)
     return decoding.unmask(select=select.ScheduledCount("linear"), score=scores.by_name(alg),
                            steps=steps, block_length=block_length,
                            kv=_kv(cache, cache_every, cache_vicinity, cache_variant,
-                                  block_length))
+                                  block_length), **adaptive_options.policies())
 
 
 @recipe("fast_dllm", temperature=0.0)
 def fast_dllm(decoding: Decoding, threshold: float = 0.9, factor: float | None = None,
               block_length: int | None = None, cache: str = "none",
               cache_every: int | None = None, cache_vicinity: int | None = None,
-              cache_variant: str | None = None) -> Unmask:
+              cache_variant: str | None = None,
+              adaptive_options: Adaptive = Adaptive()) -> Unmask:
     """Fast-dLLM parallel decoding: commit every masked position whose confidence exceeds
     `threshold` (and always the most confident one), or with `factor` the factor rule;
     optionally within semi-autoregressive blocks, and then with Fast-dLLM's prefix or dual
-    `cache` (or the other policies; options as `llada`'s)."""
+    `cache` (or the other policies; options as `llada`'s, `Adaptive`'s too)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold={threshold} must lie in (0, 1]")
     if factor is not None and factor <= 0:
@@ -225,7 +288,7 @@ def fast_dllm(decoding: Decoding, threshold: float = 0.9, factor: float | None =
     return decoding.unmask(select=rule_select, score=scores.Probability(),
                            block_length=block_length,
                            kv=_kv(cache, cache_every, cache_vicinity, cache_variant,
-                                  block_length))
+                                  block_length), **adaptive_options.policies())
 
 
 @recipe("freedave", temperature=0.0)
@@ -361,7 +424,8 @@ BLOCK_POLICIES = ("first_hitting", "mdlm", "fixed_count", "threshold")
 def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "first_hitting",
           steps: int | None = None, threshold: float = 0.9, kv_cache: bool = True,
           window: int | None = None, sub_block: int | None = None,
-          cache: str = "none", freedave: int = 0) -> BlockUnmask | FreeDave:
+          cache: str = "none", freedave: int = 0,
+          adaptive_options: Adaptive = Adaptive()) -> BlockUnmask | FreeDave:
     """BD3-LM block diffusion (Arriola et al., 2025), for networks trained with blocks: blocks
     of `block_size` (None: the network's; it must equal it) generated left to right, each
     denoised by `policy` given the committed blocks before it:
@@ -392,7 +456,11 @@ def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "firs
 
     `freedave` (K > 0) verifies K drafted steps per call (FreeDave, see the `freedave`
     sampler): the same samples under the same key in fewer calls, the drafts staying in the
-    current block (no sub-block cache)."""
+    current block (no sub-block cache).
+
+    `Adaptive`'s options act inside each block: an early exit commits the rest of the block;
+    remasking re-opens positions of the block (with the 'fixed_count' or 'threshold'
+    policy)."""
     _check_positive("block_size", block_size)
     _check_positive("steps", steps)
     _check_positive("window", window)
@@ -420,7 +488,8 @@ def bd3lm(decoding: Decoding, block_size: int | None = None, policy: str = "firs
                                 score=scores.Probability(), steps=steps)
     else:
         inner = decoding.unmask(select=select.Threshold(threshold), score=scores.Probability())
-    rule = BlockUnmask(dataclasses.replace(inner, block_length=sub_block),
+    rule = BlockUnmask(dataclasses.replace(inner, block_length=sub_block,
+                                           **adaptive_options.policies()),
                        block_size=block_size, kv_cache=bool(kv_cache), window=window,
                        sub_cache=cache == "dual")
     if not isinstance(freedave, int) or isinstance(freedave, bool) or freedave < 0:

@@ -47,7 +47,8 @@ class Candidates:
         return jnp.sum(self.eligible_BL, axis=-1, dtype=jnp.int32)
 
 
-def _top(c: Candidates, count_B: jax.Array) -> jax.Array:
+def top(c: Candidates, count_B: jax.Array) -> jax.Array:
+    """bool [B, L]: the `count_B` best-scored eligible positions of each row."""
     return c.eligible_BL & (c.rank_BL() < count_B[:, None])
 
 
@@ -77,7 +78,7 @@ class ScheduledCount:
             left_B = jnp.floor(c.scope_size_B * jnp.cos(0.5 * math.pi * done_frac_B))
             count_B = open_B - left_B.astype(jnp.int32)
             count_B = jnp.where(steps_left_B == 1, open_B, count_B)
-        return _top(c, jnp.maximum(count_B, 1))
+        return top(c, jnp.maximum(count_B, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,7 @@ class FixedCount:
         del key
         if self.count == 1:
             return c.best_BL()
-        return _top(c, jnp.full(c.scope_size_B.shape, self.count, jnp.int32))
+        return top(c, jnp.full(c.scope_size_B.shape, self.count, jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Factor:
         passes_by_rank_BL = jnp.zeros_like(passes_BL).at[
             jnp.arange(passes_BL.shape[0])[:, None], rank_BL].set(passes_BL)
         count_B = jnp.sum(jnp.cumprod(passes_by_rank_BL, axis=-1), axis=-1, dtype=jnp.int32)
-        return _top(c, jnp.maximum(count_B, 1))
+        return top(c, jnp.maximum(count_B, 1))
 
 
 @dataclasses.dataclass(frozen=True)

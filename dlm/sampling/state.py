@@ -30,6 +30,7 @@ class SamplerState:
     # int32 [B]: query positions the network processed for each sample while it ran (L per
     # plain forward; fewer with a KV cache): the cost beyond NFE of `called`.
     token_forwards_B: jax.Array
+    remasked_B: jax.Array  # int32 [B]: committed tokens taken back (re-masked) so far
     cache: Any = None  # the step rule's own carry: cached logits, a KV cache, ...
 
     @classmethod
@@ -51,6 +52,7 @@ class SamplerState:
             confidence_BL=jnp.full((batch, length), jnp.nan, jnp.float32),
             commit_step_BL=jnp.full((batch, length), -1, jnp.int32),
             token_forwards_B=jnp.zeros((batch,), jnp.int32),
+            remasked_B=jnp.zeros((batch,), jnp.int32),
         )
 
     def called(self, positions, calls=1) -> SamplerState:
@@ -73,6 +75,18 @@ class SamplerState:
             commit_step_BL=jnp.where(commit_BL, self.step, self.commit_step_BL),
         )
 
+    def reopened(self, remask_BL: jax.Array, mask_id: int) -> SamplerState:
+        """The state with the committed tokens at `remask_BL` [B, L] taken back: mask id,
+        no confidence, no commit step, counted in `remasked_B`. Known positions never
+        re-open (they are left out of `remask_BL` here)."""
+        remask_BL = remask_BL & ~self.known_BL & (self.tokens_BL != mask_id)
+        return self.replace(
+            tokens_BL=jnp.where(remask_BL, mask_id, self.tokens_BL),
+            confidence_BL=jnp.where(remask_BL, jnp.nan, self.confidence_BL),
+            commit_step_BL=jnp.where(remask_BL, -1, self.commit_step_BL),
+            remasked_B=self.remasked_B + jnp.sum(remask_BL, axis=-1, dtype=jnp.int32),
+        )
+
 
 @struct.dataclass
 class SampleOutput:
@@ -87,10 +101,11 @@ class SampleOutput:
     confidence_BL: jax.Array  # float32 [B, L]
     commit_step_BL: jax.Array  # int32 [B, L]
     token_forwards_B: jax.Array  # int32 [B]: query positions processed for each sample
+    remasked_B: jax.Array  # int32 [B]: committed tokens re-masked (remasking policies)
 
     @classmethod
     def from_state(cls, state: SamplerState) -> SampleOutput:
         return cls(tokens_BL=state.tokens_BL, known_BL=state.known_BL, nfe=state.nfe,
                    nfe_B=state.nfe_B, steps=state.step, done_B=state.done_B,
                    confidence_BL=state.confidence_BL, commit_step_BL=state.commit_step_BL,
-                   token_forwards_B=state.token_forwards_B)
+                   token_forwards_B=state.token_forwards_B, remasked_B=state.remasked_B)

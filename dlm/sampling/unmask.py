@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from dlm.sampling import categorical, kv_reuse, scores, select, transforms
+from dlm.sampling import adaptive, categorical, kv_reuse, scores, select, transforms
 from dlm.sampling.state import SamplerState
 
 
@@ -49,6 +49,13 @@ class Unmask:
         takes effect for networks that are not time-conditioned.
       kv: an approximate KV cache policy (`kv_reuse`; needs `block_length`): which positions
         the network recomputes at each step, the others' keys/values coming from a cache.
+      exit: an early-exit policy (`adaptive.EarlyExit`: Prophet, SchED): once it fires for
+        a row, every position still to decode that the step has logits for is committed
+        with the step's proposals: the whole sequence after a full forward, the active
+        block (the update window) with an approximate KV cache or inside a block sampler.
+      remask: a remasking policy (`adaptive.RunningConfidence`, `adaptive.Backtrack`):
+        committed positions of the current scope it re-opens after the step's commits,
+        within its budget (see `update`); counted in `SamplerState.remasked_B`.
     """
 
     select: Any = select.ScheduledCount()
@@ -61,6 +68,8 @@ class Unmask:
     final_greedy: bool = False
     cache_logits: bool = False
     kv: Any = None
+    exit: Any = None
+    remask: Any = None
 
     network_kind: ClassVar[str] = "denoiser"
     uses_prefix: ClassVar[bool] = False
@@ -71,6 +80,9 @@ class Unmask:
                              "semi-autoregressive blocks: set block_length")
         if self.kv is not None and self.cache_logits:
             raise ValueError("cache_logits and an approximate KV cache exclude each other")
+        if self.remask is not None and (self.time is not None or self.cache_logits):
+            raise ValueError("remasking takes confidence-ordered commits: not MDLM's ancestral "
+                             "reveal (a time plan) nor cache_logits")
 
     def window_size(self, length: int) -> int | None:
         """The update window of semi-autoregressive decoding (None: the whole sequence)."""
@@ -84,7 +96,14 @@ class Unmask:
         steps = self.schedule_steps(length)
         if self.block_length:
             steps = max(steps, -(-length // self.block_length))  # at least one per block
+        if self.remask is not None and not self._scheduled():
+            steps += min(self.remask.total, length)  # room to commit re-opened positions
         return steps + int(self.final_greedy)
+
+    def _scheduled(self) -> bool:
+        """Whether the select policy's schedule commits all that is open at a scope's last
+        step (then re-opening before that step cannot prevent the scope from finishing)."""
+        return isinstance(self.select, select.ScheduledCount)
 
     def init(self, network, params, state: SamplerState, prefix_len: int) -> SamplerState:
         if self.kv is not None:
@@ -122,6 +141,9 @@ class Unmask:
         open_BL = state.open_BL(vocab.mask_id)
         blocks = self.blocks(state, open_BL)
         window = None if propose is not None else self.window_size(length)
+        # A full forward in block decoding: the early exit covers the whole sequence.
+        full_BLV = logits_BLV if (self.exit is not None and window is not None
+                                  and logits_BLV.shape[1] == length) else None
         if window is not None:  # only the active block can commit: work on it alone
             idx_BW = blocks.window_start_B[:, None] + jnp.arange(window, dtype=jnp.int32)
             if logits_BLV.shape[1] != window:
@@ -150,11 +172,87 @@ class Unmask:
             reveal_prob_B = 1.0 - network.schedule.mask_prob(next_t_B) / mask_prob_t_B
             candidates = candidates.replace(reveal_prob_B=reveal_prob_B)
         commit_BL = self.select(candidates, select_key)
+        exit_B = jnp.zeros((batch,), bool)
+        if self.exit is not None:
+            # Progress: the share of each row's generable positions decoded, counting this
+            # step's first commit (step / steps of one token per step over the generation).
+            generable_B = jnp.maximum(jnp.sum(~state.known_BL, axis=-1), 1)
+            progress = jnp.minimum((generable_B - jnp.sum(open_BL, axis=-1) + 1) / generable_B,
+                                   1.0)
+            fill_ids = tuple(i for i in (vocab.eos_id, vocab.pad_id) if i is not None)
+            # The margins are the network's own (untransformed: top-k / top-p would make
+            # them infinite); the fill draws from the transformed distribution.
+            if full_BLV is not None:
+                full_log_probs_BLV = transforms.log_probs(full_BLV, self.transforms, vocab)
+                exit_B = self.exit(transforms.log_probs(full_BLV, (), vocab), open_BL, progress,
+                                   fill_ids)
+                fill_BL = self.proposal(full_log_probs_BLV, jax.random.fold_in(proposal_key, 1))
+                all_in_BL = open_BL & exit_B[:, None]
+                proposed_BL = jnp.where(all_in_BL, fill_BL, proposed_BL)
+                confidence_BL = jnp.where(all_in_BL, scores.Probability()(
+                    full_log_probs_BLV, fill_BL, None), confidence_BL)
+            else:
+                span_BL = candidates.eligible_BL
+                view_span_BL = (span_BL if window is None
+                                else jnp.take_along_axis(span_BL, idx_BW, axis=1))
+                exit_B = self.exit(transforms.log_probs(logits_BLV, (), vocab), view_span_BL,
+                                   progress, fill_ids)
+                all_in_BL = span_BL & exit_B[:, None]
+            commit_BL = commit_BL | all_in_BL
+        remask_B = None
+        if self.remask is not None:
+            remask_B = jnp.where(exit_B, 0, self._remask_budget(
+                state, candidates, commit_BL, length, vocab.mask_id))
+            if self.remask.over_commits:
+                extra_BL = select.top(candidates.replace(eligible_BL=candidates.eligible_BL
+                                                   & ~commit_BL), remask_B)
+                commit_BL = commit_BL | extra_BL
+                remask_B = jnp.sum(extra_BL, axis=-1, dtype=jnp.int32)
         state = state.committed(commit_BL, proposed_BL, confidence_BL)
+        if remask_B is not None:
+            state = self._remasked(state, blocks, transforms.log_probs(logits_BLV, (), vocab),
+                                   None if window is None else idx_BW, remask_B, vocab.mask_id)
         if next_t_B is None:
             generable_B = jnp.maximum(jnp.sum(~state.known_BL, axis=-1), 1)
             next_t_B = jnp.sum(state.open_BL(vocab.mask_id), axis=-1) / generable_B
         return state.replace(t_B=next_t_B.astype(jnp.float32))
+
+    def _remask_budget(self, state: SamplerState, c: select.Candidates, commit_BL: jax.Array,
+                       length: int, mask_id: int) -> jax.Array:
+        """int32 [B]: how many positions each row may re-open this step: the policy's
+        per-step and remaining total budget, and none where the run could then not end in
+        time: at a scope's last scheduled step, or (selects without a schedule, which commit
+        at least one position per step) beyond the steps left after the open positions."""
+        budget_B = jnp.clip(self.remask.total - state.remasked_B, 0, self.remask.per_step)
+        if self._scheduled():
+            last_B = c.step_in_scope_B >= c.scope_steps_B - 1
+            return jnp.where(last_B, 0, budget_B).astype(jnp.int32)
+        steps_left = self.max_steps(length) - int(self.final_greedy) - state.step - 1
+        open_after_B = jnp.sum(state.open_BL(mask_id) & ~commit_BL, axis=-1)
+        return jnp.clip(steps_left - open_after_B, 0, budget_B).astype(jnp.int32)
+
+    def _remasked(self, state: SamplerState, blocks: Blocks | None, log_probs_BLV: jax.Array,
+                  idx_BW: jax.Array | None, count_B: jax.Array, mask_id: int) -> SamplerState:
+        """The state with up to `count_B` committed positions of each row's scope re-opened:
+        those the policy wants, lowest keep score first."""
+        batch, length = state.tokens_BL.shape
+        tokens_BL = state.tokens_BL
+        view_tokens = tokens_BL if idx_BW is None else jnp.take_along_axis(tokens_BL, idx_BW, 1)
+        current = jnp.exp(jnp.take_along_axis(log_probs_BLV, view_tokens[..., None], -1)[..., 0])
+        if idx_BW is None:
+            current_BL = current
+        else:  # outside the view there are no logits: nothing to judge there
+            current_BL = jnp.full((batch, length), jnp.inf).at[
+                jnp.arange(batch)[:, None], idx_BW].set(current)
+        scope_BL = ~state.known_BL & (tokens_BL != mask_id)
+        if blocks is not None:
+            scope_BL &= blocks.block_BL == blocks.active_B[:, None]
+        if not self.remask.takes_new:
+            scope_BL &= state.commit_step_BL < state.step
+        scope_BL &= jnp.isfinite(current_BL) & self.remask.wants(state, current_BL)
+        chosen_BL = adaptive.lowest(self.remask.keep_scores(state, current_BL), scope_BL,
+                                    count_B)
+        return state.reopened(chosen_BL, mask_id)
 
     def _caches(self, network) -> bool:
         return self.cache_logits and not network.time_conditioned
