@@ -244,6 +244,11 @@ def test_remasking_needs_a_confidence_ordered_rule():
         sampling.get_sampler("llada", remask="rcr", remask_per_step=-1)
     with pytest.raises(ValueError, match="remask='undo'; allowed: none, rcr, backtrack"):
         sampling.get_sampler("llada", remask="undo")
+    # Options of a policy left off are checked all the same (a typo is never ignored).
+    with pytest.raises(ValueError, match="exit_span='middle'; allowed: all, content"):
+        sampling.get_sampler("llada", exit_span="middle")
+    with pytest.raises(ValueError, match="remask_per_step=-2 must be an int >= 0"):
+        sampling.get_sampler("fast_dllm", remask_per_step=-2)
 
 
 # --- composition: the dual cache and the bd3lm sampler ------------------------------------

@@ -186,26 +186,28 @@ def lowest(scores_BL: jax.Array, allowed_BL: jax.Array, count_B: jax.Array) -> j
 
 
 def remask_policy(name: str, per_step: int, total: int | None, threshold: float):
-    """The remasking policy of the samplers' `remask` options (None for 'none')."""
-    if name == "none":
-        return None
-    if name not in REMASK:
+    """The remasking policy of the samplers' `remask` options (None for 'none'; every
+    option is checked either way)."""
+    if name != "none" and name not in REMASK:
         raise ValueError(f"remask={name!r}; allowed: none, {', '.join(REMASK)}")
     check_budget(per_step, 0 if total is None else total)
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"remask_threshold={threshold} must lie in (0, 1]")
+    if name == "none":
+        return None
     total = (1 << 20) if total is None else total
     if name == "backtrack":
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"remask_threshold={threshold} must lie in (0, 1]")
         return Backtrack(float(threshold), per_step, total)
     return RunningConfidence(per_step, total)
 
 
 def exit_policy(name: str, high: float | None, low: float | None, span: str = "all",
                 aggregate: str = "mean"):
-    """The early-exit policy of the samplers' `early_exit` options (None for 'none');
-    `high`/`low` None keep the schedule's defaults (Prophet's 7.5 / 2.5)."""
-    if name == "none":
-        return None
+    """The early-exit policy of the samplers' `early_exit` options (None for 'none'; every
+    option is checked either way); `high`/`low` None keep the schedule's defaults
+    (Prophet's 7.5 / 2.5)."""
     values = {k: float(v) for k, v in (("high", high), ("low", low)) if v is not None}
-    return EarlyExit(name, span=span, aggregate=aggregate, **values)
+    policy = EarlyExit("prophet" if name == "none" else name, span=span, aggregate=aggregate,
+                       **values)
+    return None if name == "none" else policy
 
