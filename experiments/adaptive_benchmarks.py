@@ -1,6 +1,6 @@
 """The `adaptive` suite of `experiments.benchmark` (its flags are defined here): early exit
-(Prophet, SchED) and remasking (RCR, backtracking) of `dlm.sampling.adaptive` against the
-decodes they modify.
+(Prophet, SchED), remasking (RCR, backtracking) and dInfer's credit decoding of
+`dlm.sampling.adaptive` against the decodes they modify.
 
 On the MDLM SFT task models (trained as the `tasks` suite trains them unless
 `--adaptive_task_runs` names them), in semi-autoregressive blocks of
@@ -55,9 +55,11 @@ METHODS = (
     ("rcr", "rcr 1/step", {"remask": "rcr", "remask_per_step": 1}),
     ("rcr", "rcr 4/step", {"remask": "rcr", "remask_per_step": 4}),
     ("backtrack", "backtrack < 0.5", {"remask": "backtrack", "remask_threshold": 0.5}),
+    ("credit", "credit 0.7", {"credit_alpha": 0.7}),
 )
 # Which methods run on top of fast_dllm and with the dual cache (the others: llada alone).
-ON_FAST = ("prophet 7.5/5/2.5", "sched exp 7.5→2.5", "prophet 7.5/5/2.5 min", "rcr 1/step")
+ON_FAST = ("prophet 7.5/5/2.5", "sched exp 7.5→2.5", "prophet 7.5/5/2.5 min", "rcr 1/step",
+           "credit 0.7")
 WITH_DUAL = ON_FAST
 
 
@@ -156,7 +158,8 @@ def checks(results: list[dict]) -> list[str]:
                 f"`{r['label']}` ({r['cache']} cache): {speedup:.2f}x tokens/s, "
                 f"{retained:.1%} of the base accuracy, QPS {qps(r, b):.2f}: "
                 f"{'reproduces' if holds else 'does not reproduce'}.")
-        remask = [(r, base_of(results, r)) for r in rows if r["method"] in ("rcr", "backtrack")]
+        remask = [(r, base_of(results, r)) for r in rows
+                  if r["method"] in ("rcr", "backtrack", "credit")]
         for r, b in remask:
             if b is None:
                 continue
@@ -165,7 +168,9 @@ def checks(results: list[dict]) -> list[str]:
                 f"- `{task}`, `{r['label']}` ({r['cache']} cache): accuracy {r['accuracy']:.3f} "
                 f"vs {b['accuracy']:.3f} ({gap:+.3f}; 2 s.e. "
                 f"{2 * max(r['accuracy_stderr'], b['accuracy_stderr']):.3f}), "
-                f"{r['mean_remasked']:.2f} tokens re-masked per answer.")
+                f"{r['mean_remasked']:.2f} tokens re-masked per answer, "
+                f"{r['tokens_per_second'] / b['tokens_per_second']:.2f}x tokens/s "
+                f"({b['mean_nfe']:.1f} → {r['mean_nfe']:.1f} calls).")
     return lines
 
 
@@ -180,7 +185,7 @@ def adaptive_section(command: str) -> str:
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     task_benchmarks.plot([{**r, "setting": r["label"], "method": r["method"]}
                           for r in results], plot_path,
-                         groups=("base", "prophet", "sched", "rcr", "backtrack"))
+                         groups=("base", "prophet", "sched", "rcr", "backtrack", "credit"))
     table = []
     for r in results:
         b = base_of(results, r)
@@ -191,7 +196,8 @@ def adaptive_section(command: str) -> str:
             f"{r['tokens_per_second']:,.0f} | {speed:.2f}x | {r['mean_remasked']:.2f} | "
             f"{qps(r, b) if b else float('nan'):.2f} |")
     return "\n".join([
-        "## Adaptive decoding: early exit (Prophet, SchED) and remasking (RCR, backtracking)",
+        "## Adaptive decoding: early exit (Prophet, SchED), remasking (RCR, backtracking), "
+        "credit (dInfer)",
         "",
         report.provenance(command),
         "",

@@ -8,6 +8,8 @@ run there and keep the invariants (known positions unchanged, every run complete
 `max_steps`, re-masked tokens counted).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,7 +198,7 @@ def _reference(network, params, steps, policy, per_step, total, threshold=0.0):
 
 
 @pytest.mark.parametrize("policy,per_step,total,threshold,seed", [
-    ("rcr", 1, 100, 0.0, 0), ("rcr", 2, 3, 0.0, 1), ("rcr", 10, 100, 0.0, 2),
+    ("rcr", 1, 100, 0.1, 0), ("rcr", 2, 3, 0.1, 1), ("rcr", 10, 100, 0.1, 2),
     ("backtrack", 1, 100, 0.9, 0), ("backtrack", 2, 3, 0.95, 3)])
 def test_remasking_equals_its_definition(policy, per_step, total, threshold, seed):
     log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(seed), V, L))
@@ -215,7 +217,7 @@ def test_remasking_equals_its_definition(policy, per_step, total, threshold, see
 def test_the_toy_backtracks_and_rcr_remasks():
     """The reference test above is not vacuous: its cases do re-open positions."""
     counts = {}
-    for policy, seed, threshold in (("rcr", 0, 0.0), ("backtrack", 0, 0.9),
+    for policy, seed, threshold in (("rcr", 0, 0.1), ("backtrack", 0, 0.9),
                                     ("backtrack", 3, 0.95)):
         log_joint = jnp.asarray(toy_networks.random_log_joint(np.random.default_rng(seed),
                                                               V, L))
@@ -251,13 +253,68 @@ def test_remasking_needs_a_confidence_ordered_rule():
         sampling.get_sampler("fast_dllm", remask_per_step=-2)
 
 
+# --- credit decoding (dInfer) against its definition -------------------------------------
+
+def test_credit_with_alpha_0_is_the_base_sampler(toy):
+    for options in ({"threshold": 0.9}, {"threshold": 0.9, "block_length": 3}):
+        base = sampling.get_sampler("fast_dllm", **options)
+        zero = dataclasses.replace(base, rule=dataclasses.replace(
+            base.rule, history=adaptive.Credit(alpha=0.0)))
+        outs = [sampling.draw(s, toy["joint"], toy["params"], jax.random.PRNGKey(0),
+                              batch_size=2, length=L, prompt=np.asarray(PROMPT)).output
+                for s in (base, zero)]
+        _same(*outs)
+
+
+@pytest.mark.parametrize("alpha,threshold", [(0.7, 0.9), (2.0, 0.8)])
+def test_credit_decoding_equals_its_definition(toy, alpha, threshold):
+    """fast_dllm's threshold rule on the fused logits: C decays by beta, gains p^gamma at
+    each open position's top-1; decode from logits + alpha log(1 + C)."""
+    gamma, beta = 0.2, 0.8
+    network, params = toy["joint"], toy["params"]
+    tokens = np.full(L, V, np.int64)
+    tokens[0] = PROMPT[0]
+    commit_step = np.full(L, -1)
+    credit = np.zeros((L, V + 1))
+    for step in range(L):
+        open_ = tokens == V
+        open_[0] = False
+        if not open_.any():
+            break
+        logits = np.asarray(network.apply_fn(params, tokens[None].astype(np.int32), None),
+                            np.float64)[0]
+        log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        credit *= beta
+        top = log_probs.argmax(-1)
+        credit[np.arange(L), top] += np.where(open_, np.exp(log_probs.max(-1)) ** gamma, 0)
+        fused = logits + alpha * np.log1p(credit)
+        fused_log_probs = fused - np.logaddexp.reduce(fused, axis=-1, keepdims=True)
+        proposal, prob = fused_log_probs.argmax(-1), np.exp(fused_log_probs.max(-1))
+        commit = open_ & (prob > threshold)
+        commit[max(np.flatnonzero(open_), key=lambda i: (prob[i], -i))] = True
+        tokens[commit], commit_step[commit] = proposal[commit], step
+    out = _draw(network, params, "fast_dllm", batch=1, threshold=threshold,
+                credit_alpha=alpha, credit_gamma=gamma, credit_beta=beta)
+    np.testing.assert_array_equal(out.tokens_BL[0], tokens)
+    np.testing.assert_array_equal(out.commit_step_BL[0], commit_step)
+    plain = _draw(network, params, "fast_dllm", batch=1, threshold=threshold)
+    # Not vacuous: the credit changes the order of the commits here.
+    assert not np.array_equal(out.commit_step_BL, plain.commit_step_BL)
+
+
+def test_freedave_takes_no_step_history():
+    with pytest.raises(ValueError, match="stale logits: its base takes none"):
+        sampling.get_sampler("bd3lm", policy="threshold", freedave=4, credit_alpha=0.7)
+
+
 # --- composition: the dual cache and the bd3lm sampler ------------------------------------
 
 dit = test_kv_reuse.dit
 POLICIES = {"prophet": {"early_exit": "prophet", "exit_high": 4.0, "exit_low": 1.0},
             "sched": {"early_exit": "exp", "exit_high": 6.0, "exit_low": 1.0},
             "rcr": {"remask": "rcr", "remask_per_step": 2},
-            "backtrack": {"remask": "backtrack", "remask_threshold": 0.5}}
+            "backtrack": {"remask": "backtrack", "remask_threshold": 0.5},
+            "credit": {"credit_alpha": 0.7}}
 
 
 def _invariants(out, prompt, max_steps, mask_id):

@@ -23,7 +23,9 @@ def test_every_setting_builds_with_its_policies_and_bases_come_first():
             assert key in seen_bases  # its base was measured first
             assert (rule.exit is not None) == (row["method"] in ("prophet", "sched"))
             assert (rule.remask is not None) == (row["method"] in ("rcr", "backtrack"))
-    assert {r["method"] for r in rows} == {"base", "prophet", "sched", "rcr", "backtrack"}
+            assert (rule.history is not None) == (row["method"] == "credit")
+    assert {r["method"] for r in rows} == {"base", "prophet", "sched", "rcr", "backtrack",
+                                           "credit"}
 
 
 def _row(label, method, accuracy, nfe, tokens_per_second, remasked=0.0, base="llada"):
@@ -54,3 +56,4 @@ def test_checks_state_each_claim_as_measured():
     assert "3.90x tokens/s, 100.0% of the base accuracy" in lines[1]
     assert "reproduces" in lines[1] and "does not" not in lines[1]
     assert "accuracy 0.850 vs 0.800 (+0.050" in lines[2] and "3.00 tokens re-masked" in lines[2]
+    assert "0.90x tokens/s (10.0 → 10.0 calls)" in lines[2]

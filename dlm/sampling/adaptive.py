@@ -1,5 +1,6 @@
 """Adaptive decoding policies of the masked-diffusion rule: when to stop early, which
-committed tokens to take back.
+committed tokens to take back, and credit from the steps before (dInfer's `Credit`, the
+rule's step-history carry `History`).
 
 *Early exit* (`EarlyExit`): Prophet (Li et al., 2025, "Diffusion language models know the
 answer before decoding") and SchED (Mohamed et al., 2025, "Fast-decoding diffusion language
@@ -41,8 +42,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax  # noqa: F401 (annotations)
+import jax
 import jax.numpy as jnp
+from flax import struct
 from jax import lax
 
 EXIT_SCHEDULES = ("prophet", "linear", "cosine", "exp")
@@ -165,6 +167,56 @@ class Backtrack:
     def wants(self, state, current_BL):
         del state
         return current_BL < self.threshold
+
+
+@struct.dataclass
+class History:
+    """A step-history carry of the rule's own (static-shaped): dInfer's credit matrix over
+    the update window, and the window it belongs to."""
+
+    credit_BWV: jax.Array  # float32 [B, W, V]
+    scope_B: jax.Array  # int32 [B]: the window's first position (-1: none yet)
+
+
+@dataclasses.dataclass(frozen=True)
+class Credit:
+    """dInfer's credit decoding: a per-window credit matrix C [B, W, V] decays by `beta`
+    each step and gains p^gamma at each open position's current top-1 token (p its
+    probability); the step then decodes from logits + alpha * log(1 + C), so a prediction
+    that stays on top across steps gains confidence. The credit restarts when the window
+    moves (a new block)."""
+
+    alpha: float = 0.7
+    gamma: float = 0.2
+    beta: float = 0.8
+
+    def init(self, batch: int, width: int, vocab: int) -> History:
+        return History(credit_BWV=jnp.zeros((batch, width, vocab), jnp.float32),
+                       scope_B=jnp.full((batch,), -1, jnp.int32))
+
+    def fuse(self, history: History, logits_BWV: jax.Array, log_probs_BWV: jax.Array,
+             open_BW: jax.Array, scope_B: jax.Array) -> tuple[jax.Array, History]:
+        """(fused logits [B, W, V], the carry after this step). `log_probs_BWV` are the
+        network's own (mask id excluded), `open_BW` the positions still to decode."""
+        fresh_B = history.scope_B != scope_B
+        credit = jnp.where(fresh_B[:, None, None], 0.0, self.beta * history.credit_BWV)
+        top_BW = jnp.argmax(log_probs_BWV, axis=-1)
+        gain_BW = jnp.where(open_BW, jnp.exp(jnp.max(log_probs_BWV, axis=-1)) ** self.gamma,
+                            0.0)
+        credit = credit + jax.nn.one_hot(top_BW, credit.shape[-1]) * gain_BW[..., None]
+        fused = logits_BWV.astype(jnp.float32) + self.alpha * jnp.log1p(credit)
+        return fused, History(credit_BWV=credit, scope_B=scope_B.astype(jnp.int32))
+
+
+def credit_policy(alpha: float, gamma: float, beta: float) -> Credit | None:
+    """The credit policy of the samplers' `credit_alpha` options (None for alpha 0)."""
+    for name, value in (("credit_alpha", alpha), ("credit_gamma", gamma),
+                        ("credit_beta", beta)):
+        if not value >= 0:
+            raise ValueError(f"{name}={value} must be >= 0")
+    if not beta <= 1:
+        raise ValueError(f"credit_beta={beta} must lie in [0, 1]")
+    return Credit(float(alpha), float(gamma), float(beta)) if alpha > 0 else None
 
 
 REMASK = {"rcr": RunningConfidence, "backtrack": Backtrack}

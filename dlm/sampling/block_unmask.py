@@ -41,6 +41,7 @@ class BlockCarry:
     block: jax.Array  # int32 []: the current block (-1 before the first step)
     block_start: jax.Array  # int32 []: the loop step at which the current block started
     sub_B: jax.Array  # int32 [B]: each row's active sub-block at the last refresh (sub_cache)
+    inner: Any = None  # the inner rule's own carry (its step history), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +141,15 @@ class BlockUnmask:
         if rule.sub_cache and network.partial_fn is None:
             raise ValueError("this block diffusion network has no partial forward "
                              "(BlockDenoiser.partial_fn), which the sub-block cache needs")
+        inner = None
+        if rule.inner.history is not None:
+            vocab = jax.eval_shape(network.forward_fn, params, state.tokens_BL).shape[-1]
+            inner = rule.inner.own_carry(None, batch, rule.block_size, vocab)
         zero = jnp.zeros((), jnp.int32)
         return state.replace(cache=BlockCarry(kv=kv, encoded=zero, block=zero - 1,
                                               block_start=zero,
-                                              sub_B=jnp.full((batch,), -1, jnp.int32)))
+                                              sub_B=jnp.full((batch,), -1, jnp.int32),
+                                              inner=inner))
 
     def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
         rule = self.for_network(network)
@@ -228,7 +234,8 @@ class BlockUnmask:
             tokens_BL=paste(state.tokens_BL, after.tokens_BL),
             confidence_BL=paste(state.confidence_BL, after.confidence_BL),
             commit_step_BL=paste(state.commit_step_BL, commit_step_BT),
-            t_B=after.t_B, remasked_B=after.remasked_B)
+            t_B=after.t_B, remasked_B=after.remasked_B,
+            cache=state.cache.replace(inner=after.cache))
 
     def _sub_state(self, state: SamplerState) -> SamplerState:
         """The current block of `state` as a sequence of b tokens, its steps (the step and
@@ -243,7 +250,7 @@ class BlockUnmask:
             confidence_BL=_cut(state.confidence_BL, start, b),
             commit_step_BL=jnp.where(commit_step_BT >= 0, jnp.maximum(
                 commit_step_BT - carry.block_start, -1), -1),
-            step=state.step - carry.block_start, cache=None)
+            step=state.step - carry.block_start, cache=carry.inner)
 
     def _sub_block_logits(self, network, params, sub: SamplerState, kv, start, new_block,
                           last_sub_B):

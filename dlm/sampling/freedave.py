@@ -77,6 +77,10 @@ class FreeDave:
                                                                  False):
             raise ValueError("FreeDave verifies a static decode: its base takes no "
                              "approximate KV cache and no cache_logits")
+        inner = getattr(self.base, "inner", self.base)
+        if getattr(inner, "history", None) is not None:
+            raise ValueError("FreeDave drafts K steps from one forward, which would feed a "
+                             "step-history policy (credit) stale logits: its base takes none")
         if getattr(self.base, "sub_cache", False):
             raise ValueError("FreeDave verifies a static decode: its base takes no sub-block "
                              "cache")

@@ -101,6 +101,9 @@ class Adaptive:
       remask_per_step, remask_total: the budget: re-opened positions per step and per
         sample (None: unbounded); 0 is the sampler without remasking, exactly.
       remask_threshold: backtrack's probability threshold.
+      credit_alpha, credit_gamma, credit_beta: dInfer's credit decoding (`adaptive.Credit`):
+        each step decodes from logits + alpha log(1 + C), C the window's credit (decayed by
+        beta, plus p^gamma at each open position's top-1); alpha 0: off.
     """
 
     early_exit: str = "none"
@@ -112,17 +115,22 @@ class Adaptive:
     remask_per_step: int = 1
     remask_total: int | None = None
     remask_threshold: float = 0.1
+    credit_alpha: float = 0.0
+    credit_gamma: float = 0.2
+    credit_beta: float = 0.8
 
     def __post_init__(self):  # each raises ValueError naming the bad option
         self.policies()
 
     def policies(self) -> dict:
-        """{'exit': ..., 'remask': ...}: the policies for `unmask.Unmask`."""
+        """{'exit': ..., 'remask': ..., 'history': ...}: the policies for `unmask.Unmask`."""
         return {"exit": adaptive_lib.exit_policy(self.early_exit, self.exit_high,
                                                  self.exit_low, self.exit_span,
                                                  self.exit_aggregate),
                 "remask": adaptive_lib.remask_policy(self.remask, self.remask_per_step,
-                                                     self.remask_total, self.remask_threshold)}
+                                                     self.remask_total, self.remask_threshold),
+                "history": adaptive_lib.credit_policy(self.credit_alpha, self.credit_gamma,
+                                                      self.credit_beta)}
 
 
 ADAPTIVE_OPTIONS = tuple(field.name for field in dataclasses.fields(Adaptive))

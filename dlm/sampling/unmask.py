@@ -56,6 +56,9 @@ class Unmask:
       remask: a remasking policy (`adaptive.RunningConfidence`, `adaptive.Backtrack`):
         committed positions of the current scope it re-opens after the step's commits,
         within its budget (see `update`); counted in `SamplerState.remasked_B`.
+      history: a policy with a step-history carry (`adaptive.Credit`: dInfer's credit
+        decoding), kept in the rule's own carry (`UnmaskCarry`) over the update window;
+        the step decodes from the logits it fuses.
     """
 
     select: Any = select.ScheduledCount()
@@ -70,6 +73,7 @@ class Unmask:
     kv: Any = None
     exit: Any = None
     remask: Any = None
+    history: Any = None
 
     network_kind: ClassVar[str] = "denoiser"
     uses_prefix: ClassVar[bool] = False
@@ -106,15 +110,31 @@ class Unmask:
         return isinstance(self.select, select.ScheduledCount)
 
     def init(self, network, params, state: SamplerState, prefix_len: int) -> SamplerState:
+        base = None
         if self.kv is not None:
-            return state.replace(cache=kv_reuse.init(network, *state.tokens_BL.shape))
-        if not self._caches(network):
-            return state
-        logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)
-        no_call_yet_BL = jnp.full_like(state.tokens_BL, -1)
-        return state.replace(cache=(jnp.zeros(logits.shape, logits.dtype), no_call_yet_BL))
+            base = kv_reuse.init(network, *state.tokens_BL.shape)
+        elif self._caches(network) or self.history is not None:
+            logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)
+            if self._caches(network):
+                base = (jnp.zeros(logits.shape, logits.dtype),
+                        jnp.full_like(state.tokens_BL, -1))  # no call yet
+        if self.history is None:
+            return state.replace(cache=base)
+        if self.kv is not None:
+            logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)
+        return state.replace(cache=self.own_carry(base, *state.tokens_BL.shape,
+                                                  logits.shape[-1]))
+
+    def own_carry(self, base, batch: int, length: int, vocab: int) -> UnmaskCarry:
+        """The carry of a rule with a `history` policy: `base` (the KV or logits cache, or
+        None) and the history over the update window."""
+        width = self.window_size(length) or length
+        return UnmaskCarry(base=base, history=self.history.init(batch, width, vocab))
 
     def step(self, network, params, state: SamplerState, key: jax.Array) -> SamplerState:
+        own = state.cache if self.history is not None else None
+        if own is not None:  # the caches below see their own carry
+            state = state.replace(cache=own.base)
         if self.kv is None:
             logits, state = self._logits(network, params, state)
         else:
@@ -122,6 +142,8 @@ class Unmask:
             logits, state = kv_reuse.cached_logits(
                 self.kv, network, params, state, self.blocks(state, state.open_BL(mask_id)),
                 self.window_size(state.tokens_BL.shape[1]), mask_id)
+        if own is not None:
+            state = state.replace(cache=own.replace(base=state.cache))
         return self.update(network, state, logits, key)
 
     def update(self, network, state: SamplerState, logits_BLV: jax.Array,
@@ -148,6 +170,16 @@ class Unmask:
             idx_BW = blocks.window_start_B[:, None] + jnp.arange(window, dtype=jnp.int32)
             if logits_BLV.shape[1] != window:
                 logits_BLV = jnp.take_along_axis(logits_BLV, idx_BW[..., None], axis=1)
+        history = None
+        if self.history is not None:  # decode from the fused logits
+            own = state.cache
+            view_open_BL = (open_BL if window is None
+                            else jnp.take_along_axis(open_BL, idx_BW, axis=1))
+            scope_B = (jnp.zeros((batch,), jnp.int32) if window is None
+                       else blocks.window_start_B)
+            logits_BLV, history = self.history.fuse(
+                own.history, logits_BLV, transforms.log_probs(logits_BLV, (), vocab),
+                view_open_BL, scope_B)
         log_probs_BLV = transforms.log_probs(logits_BLV, self.transforms, vocab)
         proposed_BL = (propose or self.proposal)(log_probs_BLV, proposal_key)
         if self.final_greedy:
@@ -215,6 +247,8 @@ class Unmask:
         if next_t_B is None:
             generable_B = jnp.maximum(jnp.sum(~state.known_BL, axis=-1), 1)
             next_t_B = jnp.sum(state.open_BL(vocab.mask_id), axis=-1) / generable_B
+        if history is not None:
+            state = state.replace(cache=state.cache.replace(history=history))
         return state.replace(t_B=next_t_B.astype(jnp.float32))
 
     def _remask_budget(self, state: SamplerState, c: select.Candidates, commit_BL: jax.Array,
@@ -305,6 +339,15 @@ class Unmask:
         window_start_B = jnp.clip(active_start_B, 0, length - self.window_size(length))
         return Blocks(block_BL=block_BL, active_B=active_B, active_start_B=active_start_B,
                       window_start_B=window_start_B.astype(jnp.int32))
+
+
+@struct.dataclass
+class UnmaskCarry:
+    """The rule's own carry when it has a `history` policy: the caches' carry (`base`: an
+    approximate KV cache, cached logits, or None) and the step history."""
+
+    base: Any
+    history: Any
 
 
 @struct.dataclass
