@@ -325,7 +325,13 @@ def _invariants(out, prompt, max_steps, mask_id):
     assert np.all(np.asarray(out.remasked_B) >= 0)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+# One exit, one remasking policy and the credit in the default run; the others in make
+# test-slow (the default run's time budget).
+DEFAULT = ("prophet", "rcr", "credit")
+
+
+@pytest.mark.parametrize("policy", [
+    p if p in DEFAULT else pytest.param(p, marks=pytest.mark.slow) for p in POLICIES])
 def test_each_policy_runs_with_the_dual_cache(dit, policy):
     network, params = dit
     options = {"block_length": 8, "steps": 16, "cache": "dual", **POLICIES[policy]}
@@ -344,7 +350,9 @@ def block_dit():
 
 
 @pytest.mark.parametrize("policy,kv_cache", [
-    *[(policy, True) for policy in POLICIES],
+    *[(policy, True) if policy in DEFAULT else pytest.param(policy, True,
+                                                            marks=pytest.mark.slow)
+      for policy in POLICIES],
     *[pytest.param(policy, False, marks=pytest.mark.slow) for policy in POLICIES]])
 def test_each_policy_runs_inside_bd3lm_blocks(block_dit, policy, kv_cache):
     network, params = block_dit
