@@ -47,6 +47,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from dlm.sampling import select
+
 EXIT_SCHEDULES = ("prophet", "linear", "cosine", "exp")
 EXIT_SPANS = ("all", "content")
 EXIT_AGGREGATES = ("mean", "min")
@@ -231,10 +233,7 @@ def check_budget(per_step, total) -> None:
 def lowest(scores_BL: jax.Array, allowed_BL: jax.Array, count_B: jax.Array) -> jax.Array:
     """bool [B, L]: the `count_B` allowed positions of lowest score in each row (ties: the
     leftmost first)."""
-    scores_BL = jnp.where(allowed_BL, scores_BL, jnp.inf)
-    order_BL = jnp.argsort(scores_BL, axis=-1, stable=True)
-    rank_BL = jnp.argsort(order_BL, axis=-1)
-    return allowed_BL & (rank_BL < count_B[:, None])
+    return allowed_BL & (select.rank(-scores_BL, allowed_BL) < count_B[:, None])
 
 
 def remask_policy(name: str, per_step: int, total: int | None, threshold: float):

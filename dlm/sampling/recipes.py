@@ -84,8 +84,8 @@ DECODING_OPTIONS = tuple(field.name for field in dataclasses.fields(Decoding))
 @dataclasses.dataclass(frozen=True)
 class Adaptive:
     """The adaptive-decoding options of the recipes that decode with the masked-diffusion
-    rule and take `adaptive_options` (see `dlm.sampling.adaptive`): early exit and
-    remasking.
+    rule and take `adaptive_options` (see `dlm.sampling.adaptive`): early exit, remasking
+    and credit decoding.
 
     Attributes:
       early_exit: 'none', 'prophet' (Prophet's piecewise schedule), or SchED's 'linear',
@@ -249,7 +249,7 @@ def llada(decoding: Decoding, steps: int | None = None, block_length: int | None
     one per position) shared evenly between them; each step commits a fixed share of the
     block's masks, the most confident ('low_confidence' remasking) or random ones. `cache`
     (with `cache_every`, `cache_vicinity`, `cache_variant`): an approximate KV cache.
-    `early_exit`, `remask` and their options: `Adaptive`'s."""
+    `Adaptive`'s options: early exit, remasking, credit."""
     _check_positive("steps", steps)
     _check_positive("block_length", block_length)
     score = scores.by_name(remasking, LLADA_REMASKING, option="remasking")

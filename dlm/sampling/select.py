@@ -32,9 +32,7 @@ class Candidates:
 
         Ties go to the leftmost position.
         """
-        scores_BL = jnp.where(self.eligible_BL, self.scores_BL, -jnp.inf)
-        order_BL = jnp.argsort(scores_BL, axis=-1, descending=True, stable=True)
-        return jnp.argsort(order_BL, axis=-1).astype(jnp.int32)
+        return rank(self.scores_BL, self.eligible_BL)
 
     def best_BL(self) -> jax.Array:
         """bool [B, L]: the best-scored eligible position of each row (none if none is);
@@ -45,6 +43,14 @@ class Candidates:
 
     def num_eligible_B(self) -> jax.Array:
         return jnp.sum(self.eligible_BL, axis=-1, dtype=jnp.int32)
+
+
+def rank(scores_BL: jax.Array, eligible_BL: jax.Array) -> jax.Array:
+    """int32 [B, L]: 0 for the best eligible score, then 1, ...; ineligible rank last;
+    ties go to the leftmost position."""
+    scores_BL = jnp.where(eligible_BL, scores_BL, -jnp.inf)
+    order_BL = jnp.argsort(scores_BL, axis=-1, descending=True, stable=True)
+    return jnp.argsort(order_BL, axis=-1).astype(jnp.int32)
 
 
 def top(c: Candidates, count_B: jax.Array) -> jax.Array:

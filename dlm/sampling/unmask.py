@@ -110,18 +110,16 @@ class Unmask:
         return isinstance(self.select, select.ScheduledCount)
 
     def init(self, network, params, state: SamplerState, prefix_len: int) -> SamplerState:
+        if self._caches(network) or self.history is not None:  # they need the logits' shape
+            logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)
         base = None
         if self.kv is not None:
             base = kv_reuse.init(network, *state.tokens_BL.shape)
-        elif self._caches(network) or self.history is not None:
-            logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)
-            if self._caches(network):
-                base = (jnp.zeros(logits.shape, logits.dtype),
-                        jnp.full_like(state.tokens_BL, -1))  # no call yet
+        elif self._caches(network):
+            base = (jnp.zeros(logits.shape, logits.dtype),
+                    jnp.full_like(state.tokens_BL, -1))  # no call yet
         if self.history is None:
             return state.replace(cache=base)
-        if self.kv is not None:
-            logits = jax.eval_shape(network.apply_fn, params, state.tokens_BL, state.t_B)
         return state.replace(cache=self.own_carry(base, *state.tokens_BL.shape,
                                                   logits.shape[-1]))
 
@@ -170,16 +168,19 @@ class Unmask:
             idx_BW = blocks.window_start_B[:, None] + jnp.arange(window, dtype=jnp.int32)
             if logits_BLV.shape[1] != window:
                 logits_BLV = jnp.take_along_axis(logits_BLV, idx_BW[..., None], axis=1)
+        # The network's own log-probabilities (before the history's fusion and the logits
+        # transforms): what the adaptive policies judge by.
+        own_log_probs_BLV = None
+        if self.exit is not None or self.remask is not None or self.history is not None:
+            own_log_probs_BLV = transforms.log_probs(logits_BLV, (), vocab)
         history = None
         if self.history is not None:  # decode from the fused logits
-            own = state.cache
             view_open_BL = (open_BL if window is None
                             else jnp.take_along_axis(open_BL, idx_BW, axis=1))
             scope_B = (jnp.zeros((batch,), jnp.int32) if window is None
                        else blocks.window_start_B)
-            logits_BLV, history = self.history.fuse(
-                own.history, logits_BLV, transforms.log_probs(logits_BLV, (), vocab),
-                view_open_BL, scope_B)
+            logits_BLV, history = self.history.fuse(state.cache.history, logits_BLV,
+                                                    own_log_probs_BLV, view_open_BL, scope_B)
         log_probs_BLV = transforms.log_probs(logits_BLV, self.transforms, vocab)
         proposed_BL = (propose or self.proposal)(log_probs_BLV, proposal_key)
         if self.final_greedy:
@@ -227,8 +228,7 @@ class Unmask:
                 span_BL = candidates.eligible_BL
                 view_span_BL = (span_BL if window is None
                                 else jnp.take_along_axis(span_BL, idx_BW, axis=1))
-                exit_B = self.exit(transforms.log_probs(logits_BLV, (), vocab), view_span_BL,
-                                   progress, fill_ids)
+                exit_B = self.exit(own_log_probs_BLV, view_span_BL, progress, fill_ids)
                 all_in_BL = span_BL & exit_B[:, None]
             commit_BL = commit_BL | all_in_BL
         remask_B = None
@@ -242,7 +242,7 @@ class Unmask:
                 remask_B = jnp.sum(extra_BL, axis=-1, dtype=jnp.int32)
         state = state.committed(commit_BL, proposed_BL, confidence_BL)
         if remask_B is not None:
-            state = self._remasked(state, blocks, transforms.log_probs(logits_BLV, (), vocab),
+            state = self._remasked(state, blocks, own_log_probs_BLV,
                                    None if window is None else idx_BW, remask_B, vocab.mask_id)
         if next_t_B is None:
             generable_B = jnp.maximum(jnp.sum(~state.known_BL, axis=-1), 1)
